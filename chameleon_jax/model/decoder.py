@@ -1,0 +1,335 @@
+"""Chameleon decoder: RMSNorm, per-head qk-LayerNorm, RoPE, GQA attention with a KV cache, SwiGLU.
+
+Shapes in docstrings: B batch, T query length, S key length (cache slots), D hidden, H heads,
+K kv heads, G = H // K, Dh head dim, M mlp width, V vocab.
+
+KV-cache contract (shared by the full forward, prefill and one-token decode):
+  cache = {"layers_i": {"k": [B, S, K, Dh], "v": [B, S, K, Dh]}, ...}
+  ``cache_index`` (int32 scalar) is the slot where this call's T tokens are written, the same
+  for every row (prompts are left-padded so all rows advance together). The caller passes the
+  boolean ``mask [B, T, S]`` saying which slots each query may attend to; see
+  :func:`causal_mask` and :func:`cache_mask`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ChameleonConfig
+from .vqvae import VQVAE
+
+Array = jax.Array
+_NEG = float(np.finfo(np.float32).min)
+
+
+def _param(mod: nn.Module, name: str, shape, axes, init=nn.initializers.normal(0.02)):
+    """A parameter carrying logical axis names (mapped to mesh axes by sharding.py)."""
+    return mod.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _cast(x: Array, dtype) -> Array:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def causal_mask(attention_mask: Array) -> Array:
+    """[B, T] 0/1 padding mask -> [B, T, T] bool: causal and no attention to padding."""
+    t = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return causal[None] & (attention_mask[:, None, :] > 0)
+
+
+def cache_mask(kv_valid: Array, cache_index: Array, num_queries: int) -> Array:
+    """Mask for T queries written at slots [cache_index, cache_index + T) of a cache.
+
+    kv_valid: [B, S] bool, slots holding real (non-pad) tokens, this call's slots included.
+    Returns [B, T, S] bool: a query sees valid slots at or before its own.
+    """
+    s = kv_valid.shape[1]
+    q_slot = cache_index + jnp.arange(num_queries)
+    visible = jnp.arange(s)[None, :] <= q_slot[:, None]
+    return visible[None] & kv_valid[:, None, :]
+
+
+def default_positions(attention_mask: Array) -> Array:
+    """Positions counted from each row's first real token (left padding changes nothing)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def rope_inv_freq(config: ChameleonConfig, positions: Array) -> Array:
+    """[Dh/2] inverse frequencies, as transformers computes them (default, linear, dynamic).
+
+    Dynamic NTK scaling depends on the longest position in this call (max(positions) + 1), like
+    transformers' forward; unlike transformers it keeps no state between calls.
+    """
+    dim = config.head_dim
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    base = jnp.float32(config.rope_theta)
+    if config.rope_type == "dynamic":
+        max_pos = config.max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
+        factor = config.rope_factor
+        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / config.rope_factor
+    return inv_freq
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate-half RoPE. x: [B, T, N, Dh]; positions: [B, T]."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (_cast(scale, self.dtype) * y.astype(self.dtype)).astype(self.dtype)
+
+
+class HeadLayerNorm(nn.Module):
+    """LayerNorm over head_dim with a separate affine per head: params [N, Dh]."""
+
+    num_heads: int
+    head_dim: int
+    eps: float
+    axes: tuple[str, str]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # [B, T, N, Dh]
+        shape = (self.num_heads, self.head_dim)
+        scale = _param(self, "scale", shape, self.axes, nn.initializers.ones)
+        bias = _param(self, "bias", shape, self.axes, nn.initializers.zeros)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        centered = xf - mean
+        var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """An einsum-shaped projection: ``kernel`` of ``shape`` with logical ``axes``, optional bias."""
+
+    spec: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    bias_ndim: int = 0  # 0: no bias; else the bias is the kernel's trailing bias_ndim dims
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dt = jnp.dtype(self.dtype)
+        y = jnp.einsum(self.spec, _cast(x, dt), _cast(_param(self, "kernel", self.shape, self.axes), dt))
+        if self.bias_ndim:
+            shape, axes = self.shape[-self.bias_ndim :], self.axes[-self.bias_ndim :]
+            y = y + _cast(_param(self, "bias", shape, axes, nn.initializers.zeros), dt)
+        return y
+
+
+class Attention(nn.Module):
+    config: ChameleonConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
+        """x: [B, T, D]; mask: [B, T, S] bool. Returns ([B, T, D], new cache entry or None)."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        h, k, dh, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+        bias = 2 if c.attention_bias else 0
+
+        def proj(name, heads, axis):
+            return Linear("btd,dnh->btnh", (d, heads, dh), ("embed", axis, "head_dim"), bias, c.dtype, name=name)(x)
+
+        q = proj("q_proj", h, "heads")
+        key = proj("k_proj", k, "kv_heads")
+        val = proj("v_proj", k, "kv_heads")
+        q = HeadLayerNorm(h, dh, c.qk_norm_eps, ("heads", "head_dim"), name="q_norm")(q)
+        key = HeadLayerNorm(k, dh, c.qk_norm_eps, ("kv_heads", "head_dim"), name="k_norm")(key)
+        q = apply_rope(q, positions, inv_freq)
+        key = apply_rope(key, positions, inv_freq)
+
+        new_cache = None
+        if cache is not None:
+            at = (0, cache_index, 0, 0)
+            key = jax.lax.dynamic_update_slice(cache["k"], _cast(key, cache["k"].dtype), at)
+            val = jax.lax.dynamic_update_slice(cache["v"], _cast(val, cache["v"].dtype), at)
+            new_cache = {"k": key, "v": val}
+
+        b, t = q.shape[:2]
+        qg = q.reshape(b, t, k, h // k, dh)
+        scores = jnp.einsum(
+            "btkgh,bskh->bkgts", qg, _cast(key, dt), preferred_element_type=jnp.float32
+        ) * (dh**-0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, _cast(val, dt)).reshape(b, t, h, dh)
+        o_bias = 1 if c.attention_bias else 0
+        y = Linear("btnh,nhd->btd", (h, dh, d), ("heads", "head_dim", "embed"), o_bias, c.dtype, name="o_proj")(out)
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    config: ChameleonConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        d, m = c.hidden_size, c.intermediate_size
+        bias = 1 if c.mlp_bias else 0
+        gate = Linear("...d,dm->...m", (d, m), ("embed", "mlp"), bias, c.dtype, name="gate_proj")(x)
+        up = Linear("...d,dm->...m", (d, m), ("embed", "mlp"), bias, c.dtype, name="up_proj")(x)
+        return Linear("...m,md->...d", (m, d), ("mlp", "embed"), bias, c.dtype, name="down_proj")(
+            jax.nn.silu(gate) * up
+        )
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm layer, or with ``swin_norm`` the norm applied to each branch's output."""
+
+    config: ChameleonConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        attn = Attention(c, name="self_attn")
+        mlp = MLP(c, name="mlp")
+        norm1 = RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")
+        norm2 = RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")
+        if c.swin_norm:
+            a, new_cache = attn(x, positions, mask, inv_freq, cache, cache_index)
+            x = x + norm1(a)
+            x = x + norm2(mlp(x))
+        else:
+            a, new_cache = attn(norm1(x), positions, mask, inv_freq, cache, cache_index)
+            x = x + a
+            x = x + mlp(norm2(x))
+        return x, new_cache
+
+
+class Chameleon(nn.Module):
+    """Token embeddings, decoder layers, final norm, LM head, and the VQ-VAE image tokenizer.
+
+    Param tree: embed_tokens, layers_{i}, norm, lm_head (absent when tied), vqmodel (absent
+    without a vq_config).
+    """
+
+    config: ChameleonConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="embed_tokens",
+        )
+        self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), name="norm")
+        if not c.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                (c.hidden_size, c.vocab_size),
+                jnp.float32,
+            )
+        if c.vq_config is not None:
+            self.vqmodel = VQVAE(c.vq_config, name="vqmodel")
+
+    def __call__(
+        self,
+        input_ids,
+        positions,
+        mask,
+        pixel_values=None,
+        cache=None,
+        cache_index=None,
+        suppress_image_tokens=True,
+    ):
+        """input_ids, positions: [B, T]; mask: [B, T, S] bool; pixel_values: [N, 3, H, W].
+
+        Each ``<image>`` placeholder takes the next image token of the images in order (row-major
+        over the batch, like transformers' masked_scatter). Returns (logits [B, T, V] fp32, cache).
+        """
+        if pixel_values is not None:
+            input_ids = self.merge_image_tokens(input_ids, self.image_tokens(pixel_values))
+        x = _cast(self.embed_tokens(input_ids), jnp.dtype(self.config.dtype))
+        c = self.config
+        inv_freq = rope_inv_freq(c, positions)
+        new_cache = {} if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            name = f"layers_{i}"
+            x, layer_cache = layer(x, positions, mask, inv_freq, None if cache is None else cache[name], cache_index)
+            if cache is not None:
+                new_cache[name] = layer_cache
+        return self.logits(self.norm(x), suppress_image_tokens), new_cache
+
+    def image_tokens(self, pixel_values: Array) -> Array:
+        """[N, 3, H, W] -> BPE ids of the image tokens [N, tokens_per_image] int32."""
+        codes = self.vqmodel.encode(pixel_values)
+        return jnp.asarray(self.config.image_vocab.code_to_bpe)[codes]
+
+    def merge_image_tokens(self, input_ids: Array, image_ids: Array) -> Array:
+        placeholder = self.config.image_vocab.image_token_id
+        flat = input_ids.reshape(-1)
+        is_slot = flat == placeholder
+        order = jnp.clip(jnp.cumsum(is_slot) - 1, 0, image_ids.size - 1)
+        return jnp.where(is_slot, image_ids.reshape(-1)[order], flat).reshape(input_ids.shape)
+
+    def logits(self, x: Array, suppress_image_tokens: bool = True) -> Array:
+        """Final hidden states [B, T, D] -> logits [B, T, V] fp32; image tokens at the fp32 min."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        w = _cast(self.embed_tokens.embedding, dt).T if c.tie_word_embeddings else _cast(self.lm_head, dt)
+        logits = jnp.einsum("btd,dv->btv", _cast(x, dt), w, preferred_element_type=jnp.float32)
+        image_ids = c.image_vocab.image_token_ids
+        if suppress_image_tokens and len(image_ids):
+            is_image = np.zeros((c.vocab_size,), bool)
+            is_image[image_ids[image_ids < c.vocab_size]] = True
+            logits = jnp.where(is_image, jnp.finfo(jnp.float32).min, logits)
+        return logits
+
+    def init_all(self, input_ids, pixel_values=None):
+        """Touches every submodule so ``init`` creates the whole param tree."""
+        mask = causal_mask(jnp.ones(input_ids.shape, jnp.int32))
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        if self.config.vq_config is not None:
+            self.vqmodel(pixel_values)
+        return self(input_ids, positions, mask)
+
+
+def init_params(config: ChameleonConfig, rng: Array, abstract: bool = False):
+    """Random params (boxed with logical axis names). ``abstract``: shapes only, no memory."""
+    module = Chameleon(config)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    pixels = None
+    if config.vq_config is not None:
+        r = config.vq_config.resolution
+        pixels = jnp.zeros((1, config.vq_config.in_channels, r, r), jnp.float32)
+    fn = lambda key: module.init(key, ids, pixels, method=Chameleon.init_all)["params"]  # noqa: E731
+    return jax.eval_shape(fn, rng) if abstract else jax.jit(fn)(rng)
+
+
+def init_cache(config: ChameleonConfig, batch: int, length: int, dtype=None) -> dict:
+    """Zeroed KV cache of ``length`` slots: {"layers_i": {"k", "v": [B, S, K, Dh]}}."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    return {
+        f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        for i in range(config.num_hidden_layers)
+    }

@@ -1,0 +1,197 @@
+"""VQ-VAE image tokenizer (Make-a-Scene / taming style): encoder and nearest-code quantizer.
+
+Activations are NHWC; kernels HWIO (PyTorch checkpoints are OIHW, converted on load).
+Parameter paths mirror the HF names (``down_0/block_1/conv1``) so the name table stays regular.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..config import VQConfig
+
+Array = jax.Array
+
+
+class Conv(nn.Module):
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    padding: object = "SAME_1"  # "SAME_1": pad (k-1)/2 on every side, like PyTorch padding=k//2
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cin = x.shape[-1]
+        w = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_h", "conv_w", "conv_in", "conv_out")),
+            (self.kernel, self.kernel, cin, self.features),
+            jnp.float32,
+        )
+        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (self.features,), jnp.float32)
+        pad = self.kernel // 2
+        padding = ((pad, pad), (pad, pad)) if self.padding == "SAME_1" else self.padding
+        y = jax.lax.conv_general_dilated(
+            x.astype(jnp.float32),
+            w.astype(jnp.float32),
+            window_strides=(self.stride, self.stride),
+            padding=padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        return y + b.astype(jnp.float32)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm with 32 groups, eps 1e-6, statistics in fp32 (matches torch.nn.GroupNorm)."""
+
+    groups: int = 32
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",)), (c,), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (c,), jnp.float32)
+        n, h, w, _ = x.shape
+        xg = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
+        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
+        return y * scale + bias
+
+
+def swish(x: Array) -> Array:
+    return x * jax.nn.sigmoid(x)
+
+
+class ResnetBlock(nn.Module):
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = Conv(self.out_channels, name="conv1")(swish(GroupNorm(name="norm1")(x)))
+        h = Conv(self.out_channels, name="conv2")(swish(GroupNorm(name="norm2")(h)))
+        if x.shape[-1] != self.out_channels:
+            x = Conv(self.out_channels, kernel=1, name="nin_shortcut")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions."""
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, hh, ww, c = x.shape
+        h = GroupNorm(name="norm")(x)
+        q = Conv(c, kernel=1, name="q")(h).reshape(n, hh * ww, c)
+        k = Conv(c, kernel=1, name="k")(h).reshape(n, hh * ww, c)
+        v = Conv(c, kernel=1, name="v")(h).reshape(n, hh * ww, c)
+        scores = jnp.einsum("nqc,nkc->nqk", q, k, precision=jax.lax.Precision.HIGHEST) * (int(c) ** -0.5)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("nqk,nkc->nqc", probs, v, precision=jax.lax.Precision.HIGHEST).reshape(n, hh, ww, c)
+        return x + Conv(c, kernel=1, name="proj_out")(out)
+
+
+class Downsample(nn.Module):
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        # Asymmetric pad (right/bottom only) then a stride-2 VALID conv, as the reference does.
+        return Conv(x.shape[-1], stride=2, padding=((0, 1), (0, 1)), name="conv")(x)
+
+
+class DownLevel(nn.Module):
+    """One resolution level: ResNet blocks (each followed by attention at attn resolutions)."""
+
+    out_channels: int
+    num_blocks: int
+    use_attn: bool
+    downsample: bool
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        for i in range(self.num_blocks):
+            h = ResnetBlock(self.out_channels, name=f"block_{i}")(h)
+            if self.use_attn:
+                h = AttnBlock(name=f"attn_{i}")(h)
+        if self.downsample:
+            h = Downsample(name="downsample")(h)
+        return h
+
+
+class Mid(nn.Module):
+    use_attn: bool
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        ch = h.shape[-1]
+        h = ResnetBlock(ch, name="block_1")(h)
+        if self.use_attn:
+            h = AttnBlock(name="attn_1")(h)
+        return ResnetBlock(ch, name="block_2")(h)
+
+
+class Encoder(nn.Module):
+    config: VQConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # [N, H, W, C_in] -> [N, h, w, latent]
+        c = self.config
+        mults = c.channel_multiplier
+        vanilla = c.attn_type == "vanilla"
+        h = Conv(c.base_channels, name="conv_in")(x)
+        res = c.resolution
+        for level, mult in enumerate(mults):
+            last = level == len(mults) - 1
+            use_attn = vanilla and res in c.attn_resolutions
+            h = DownLevel(c.base_channels * mult, c.num_res_blocks, use_attn, not last, name=f"down_{level}")(h)
+            res = res if last else res // 2
+        h = Mid(vanilla, name="mid")(h)
+        h = swish(GroupNorm(name="norm_out")(h))
+        return Conv(2 * c.latent_channels if c.double_latent else c.latent_channels, name="conv_out")(h)
+
+
+class VQVAE(nn.Module):
+    """Encoder + quant_conv + codebook. ``post_quant_conv`` is kept for the image decoder."""
+
+    config: VQConfig
+
+    def setup(self):
+        c = self.config
+        self.encoder = Encoder(c, name="encoder")
+        self.quant_conv = Conv(c.embed_dim, kernel=1, name="quant_conv")
+        self.post_quant_conv = Conv(c.latent_channels, kernel=1, name="post_quant_conv")
+        self.codebook = self.param(
+            "quantize",
+            nn.with_logical_partitioning(nn.initializers.uniform(1.0 / c.num_embeddings), ("codes", "code_dim")),
+            (c.num_embeddings, c.embed_dim),
+            jnp.float32,
+        )
+
+    def __call__(self, pixel_values: Array) -> Array:
+        """Creates every parameter (init); returns the codes like :meth:`encode`."""
+        codes, quant = self.encode_with_latents(pixel_values)
+        self.post_quant_conv(quant)
+        return codes
+
+    def encode(self, pixel_values: Array) -> Array:
+        """pixel_values [N, 3, H, W] (NCHW, as processors emit) -> codes [N, h*w] int32."""
+        return self.encode_with_latents(pixel_values)[0]
+
+    def encode_with_latents(self, pixel_values: Array):
+        x = jnp.transpose(pixel_values.astype(jnp.float32), (0, 2, 3, 1))
+        z = self.quant_conv(self.encoder(x))  # [N, h, w, E]
+        n, h, w, e = z.shape
+        flat = z.reshape(-1, e)
+        book = self.codebook.astype(jnp.float32)
+        # Same expansion as the reference (|z|^2 + |e|^2 - 2 z.e) so near-ties break the same way.
+        dist = (
+            jnp.sum(flat**2, axis=1, keepdims=True)
+            + jnp.sum(book**2, axis=1)[None, :]
+            - 2.0 * jnp.einsum("nd,kd->nk", flat, book, precision=jax.lax.Precision.HIGHEST)
+        )
+        codes = jnp.argmin(dist, axis=1).astype(jnp.int32)
+        quant = book[codes].reshape(n, h, w, e)
+        return codes.reshape(n, h * w), quant

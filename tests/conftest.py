@@ -1,0 +1,112 @@
+"""Shared fixtures: small random transformers Chameleon checkpoints written to tmp dirs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+from chameleon_jax.vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SEP_TOKEN, image_code_name
+
+NUM_CODES = 64
+
+
+def make_vocabulary_map(vocab_size: int = 256, num_codes: int = NUM_CODES) -> dict[str, int]:
+    """Specials at 0..3, image codes next (in a shuffled order, to catch order assumptions),
+    then boi/eoi/sep/<image>, then plain text tokens."""
+    vm = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    codes = np.random.default_rng(123).permutation(num_codes)
+    for i, code in enumerate(codes):
+        vm[image_code_name(int(code))] = 4 + i
+    nxt = 4 + num_codes
+    for name in (BOI_TOKEN, EOI_TOKEN, SEP_TOKEN, IMAGE_TOKEN):
+        vm[name] = nxt
+        nxt += 1
+    for i in range(nxt, vocab_size):
+        vm[f"t{i}"] = i
+    return vm
+
+
+def hf_config(**overrides):
+    import transformers
+
+    vocab_size = overrides.pop("vocab_size", 256)
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        vocabulary_map=make_vocabulary_map(vocab_size),
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+        vq_config=dict(
+            embed_dim=8,
+            num_embeddings=NUM_CODES,
+            latent_channels=8,
+            resolution=16,
+            base_channels=32,
+            channel_multiplier=[1, 2],
+            num_res_blocks=1,
+            attn_resolutions=[8],
+        ),
+    )
+    kw.update(overrides)
+    return transformers.ChameleonConfig(**kw)
+
+
+def randomize_norms(model, seed: int = 0):
+    """Norm weights init to 1 and biases to 0, which would hide mapping bugs: randomize them."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def build_hf_model(directory, seed: int = 0, **overrides):
+    """Random HF ChameleonForConditionalGeneration saved to ``directory``; returns the torch model."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = hf_config(**overrides)
+    model = transformers.ChameleonForConditionalGeneration(config).eval()
+    randomize_norms(model, seed)
+    model.save_pretrained(str(directory))
+    return model
+
+
+def image_placeholders(config, n_images: int = 1) -> list[int]:
+    """boi + tokens_per_image x <image> + eoi for each image."""
+    vm = config.vocabulary_map
+    side = config.vq_config.resolution // 2 ** (len(config.vq_config.channel_multiplier) - 1)
+    out = []
+    for _ in range(n_images):
+        out += [vm[BOI_TOKEN]] + [vm[IMAGE_TOKEN]] * side * side + [vm[EOI_TOKEN]]
+    return out
+
+
+def random_pixels(n: int, resolution: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1.0, 1.0, (n, 3, resolution, resolution)).astype(np.float32)
+
+
+def text_ids(n: int, seed: int, vocab_size: int = 256) -> list[int]:
+    lo = 4 + NUM_CODES + 4
+    return [1] + np.random.default_rng(seed).integers(lo, vocab_size, n - 1).tolist()
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    return tmp_path / "hf"
