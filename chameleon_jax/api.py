@@ -53,7 +53,8 @@ class ChameleonModel:
             raise ChameleonError(f"input_ids: expected an integer array [batch, seq], got {ids.dtype} {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
             raise ChameleonError(f"input_ids: ids must lie in [0, {c.vocab_size}), got [{ids.min()}, {ids.max()}]")
-        if ids.shape[1] > c.max_position_embeddings:
+        # Dynamic NTK RoPE exists to run past max_position_embeddings; other kinds may not.
+        if ids.shape[1] > c.max_position_embeddings and c.rope_type != "dynamic":
             raise ChameleonError(
                 f"input_ids: sequence length {ids.shape[1]} exceeds max_position_embeddings "
                 f"{c.max_position_embeddings}"
@@ -112,6 +113,76 @@ class ChameleonModel:
         if self.config.vq_config is None:
             raise ChameleonError("pixel_values: this checkpoint has no vq_config (no image tokenizer)")
         return np.asarray(self._image_fn(self.params, jnp.asarray(pixel_values, jnp.float32)))
+
+    # ------------------------------------------------------------------ generation
+    def _generation_inputs(self, input_ids, attention_mask, pixel_values, settings):
+        from .sampling import GenerationSettings, Generator
+
+        ids, mask, _, pixels = self._check_inputs(input_ids, attention_mask, pixel_values, None)
+        if ids.shape[1] == 0:
+            raise ChameleonError("input_ids: the prompt is empty; generation needs at least one token")
+        bad = np.flatnonzero(mask[:, -1] == 0)
+        if bad.size:
+            raise ChameleonError(
+                f"attention_mask: row {int(bad[0])} ends with padding; generate needs left-padded prompts "
+                "(every row's last token real; the processor pads on the left)"
+            )
+        settings = GenerationSettings(**settings)
+        settings = settings.validate(self.config, ids.shape[1])
+        if "_generator" not in self.__dict__:
+            self._generator = Generator(self.module, self.config)
+        return self._generator, ids, mask, pixels, settings
+
+    @staticmethod
+    def _settings(max_new_tokens, do_sample, temperature, top_k, top_p, seed, repetition_penalty,
+                  stop_token_ids, min_new_tokens) -> dict:
+        if stop_token_ids is None:
+            stop_token_ids = ()
+        elif isinstance(stop_token_ids, (int, np.integer)):
+            stop_token_ids = (stop_token_ids,)
+        return dict(max_new_tokens=max_new_tokens, do_sample=bool(do_sample), temperature=temperature,
+                    top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
+                    stop_token_ids=tuple(stop_token_ids), min_new_tokens=min_new_tokens)
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, repetition_penalty: float = 1.0, stop_token_ids=None,
+                 min_new_tokens: int = 0) -> np.ndarray:
+        """Generate text tokens after left-padded prompts: (B, max_new_tokens) int32 numpy, new tokens
+        only; after a row's stop token (config eos or ``stop_token_ids``) the row holds pad_token_id.
+
+        Greedy unless ``do_sample`` (or when temperature is 0). Sampling applies, in transformers'
+        order, ``repetition_penalty`` (also in greedy mode), ``temperature``, ``top_k`` (0 = off),
+        ``top_p`` (1 = off); ``seed`` makes draws reproducible (per row: a row's draws depend only on
+        the seed, its row index and the step). ``min_new_tokens`` suppresses stop tokens that long.
+        Prompts are left-padded to a length bucket (``sampling.bucket_length``), so a new prompt length
+        in a seen bucket reuses the compiled program. Image tokens are never generated (text mode).
+        """
+        gen, ids, mask, pixels, settings = self._generation_inputs(
+            input_ids, attention_mask, pixel_values,
+            self._settings(max_new_tokens, do_sample, temperature, top_k, top_p, seed, repetition_penalty,
+                           stop_token_ids, min_new_tokens),
+        )
+        return gen.generate(self.params, ids, mask, pixels, settings)
+
+    def generate_stream(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
+                        do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        seed: int = 0, repetition_penalty: float = 1.0, stop_token_ids=None,
+                        min_new_tokens: int = 0, chunk_size: int = 8):
+        """Like :meth:`generate`, but yields (B, n) int32 numpy chunks as they are produced: the first
+        token alone right after the prompt is processed, then up to ``chunk_size`` tokens per chunk
+        (each chunk one on-device loop). Stops early once every row has stopped, so the chunks
+        concatenated equal ``generate(...)`` up to its all-pad tail. Arguments are checked when
+        this is called, before the first chunk is requested.
+        """
+        if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ChameleonError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
+        gen, ids, mask, pixels, settings = self._generation_inputs(
+            input_ids, attention_mask, pixel_values,
+            self._settings(max_new_tokens, do_sample, temperature, top_k, top_p, seed, repetition_penalty,
+                           stop_token_ids, min_new_tokens),
+        )
+        return gen.stream(self.params, ids, mask, pixels, settings, int(chunk_size))
 
 
 def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None) -> ChameleonModel:

@@ -1,0 +1,231 @@
+"""Decode speed: chameleon-jax ``generate`` vs transformers ``generate`` on one random checkpoint.
+
+Both sides load the same random checkpoint (built with transformers, saved to a temp dir) and run
+greedy generation of the same prompts in the same process, alternating runs; medians are printed.
+transformers runs with ``min_new_tokens = max_new_tokens`` (and we with the same setting) so both
+produce exactly ``max_new_tokens`` tokens per row.
+
+    python benchmarks/decode.py                      # hidden 512, 8 layers, vocab 65536, fp32, CPU
+    python benchmarks/decode.py --batches 1 --reps 3 --no-image
+
+Reported per case: tokens/s of each side and the ratio; our ms per token (whole call / tokens),
+our prefill and per-step decode times, the bytes of weights one decode step reads (every decoder
+layer, the final norm and the LM head; the embedding contributes one row per token) and the
+bandwidth that implies; our compile time (first call minus a steady call), measured separately.
+Also the host's memory-copy bandwidth (numpy) as a ceiling for the implied GB/s. The machine may
+be shared, so look at the spread (min..max) as well as the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+
+
+def vocabulary_map(vocab_size: int, num_codes: int) -> dict[str, int]:
+    """Chameleon's layout: specials 0..3, image codes from 4, boi/eoi/sep/<image>, then text."""
+    from chameleon_jax.vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SEP_TOKEN, image_code_name
+
+    vm = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for code in range(num_codes):
+        vm[image_code_name(code)] = 4 + code
+    nxt = 4 + num_codes
+    for name in (BOI_TOKEN, EOI_TOKEN, SEP_TOKEN, IMAGE_TOKEN):
+        vm[name] = nxt
+        nxt += 1
+    for i in range(nxt, vocab_size):
+        vm[f"t{i}"] = i
+    return vm
+
+
+def build_checkpoint(directory: str, args) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ChameleonConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=4096,
+        vocabulary_map=vocabulary_map(args.vocab, args.image_codes),
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+        vq_config=dict(
+            embed_dim=64,
+            num_embeddings=args.image_codes,
+            latent_channels=64,
+            resolution=args.image_resolution,
+            base_channels=64,
+            channel_multiplier=[1, 1, 2, 2, 4],
+            num_res_blocks=1,
+            attn_resolutions=[],
+        ),
+    )
+    transformers.ChameleonForConditionalGeneration(config).eval().save_pretrained(directory)
+
+
+def text_prompts(batch: int, length: int, vocab: int, first_text: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(first_text, vocab, (batch, length)).astype(np.int64)
+    ids[:, 0] = 1
+    return ids, np.ones_like(ids)
+
+
+def median_spread(xs):
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def memory_bandwidth(mb: int = 512, reps: int = 5) -> float:
+    """GB/s of a plain numpy copy (bytes read + bytes written) of an array much larger than L2."""
+    src = np.ones(mb * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.nbytes / statistics.median(times) / 1e9
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=0, help="0: same as --heads (MHA)")
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--image-codes", type=int, default=8192, help="image codes (ids 4..), suppressed in text mode")
+    p.add_argument("--image-resolution", type=int, default=256,
+                   help="VQ input size; 5 levels, so (res/16)^2 image tokens (default 256 -> 256 tokens)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    p.add_argument("--new", type=int, default=64, help="new tokens per row")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per side and case (alternating)")
+    p.add_argument("--no-image", action="store_true", help="skip the image-prompt prefill case")
+    args = p.parse_args(argv)
+
+    import jax
+    import torch
+    import transformers
+
+    import chameleon_jax as cj
+    from chameleon_jax.sampling import GenerationSettings
+
+    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="chameleon-bench-") as tmp:
+        build_checkpoint(tmp, args)
+        hf = transformers.ChameleonForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).eval()
+        model = cj.load(tmp, dtype="float32")
+    c = model.config
+    first_text = 4 + args.image_codes + 4
+    params = model.params
+    step_bytes = sum(
+        x.nbytes for k, v in params.items() if k not in ("embed_tokens", "vqmodel") for x in jax.tree.leaves(v)
+    )
+    n_params = sum(x.size for k, v in params.items() if k != "vqmodel" for x in jax.tree.leaves(v))
+    print(f"config: hidden {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads / "
+          f"{c.num_key_value_heads} kv, mlp {c.intermediate_size}, vocab {c.vocab_size}, {c.dtype}; "
+          f"{n_params / 1e6:.1f}M decoder params")
+    bw = memory_bandwidth()
+    print(f"host memory copy bandwidth (numpy, read+write): {bw:.1f} GB/s")
+    print(f"weights read per decode step: {step_bytes / 1e6:.1f} MB")
+
+    def hf_generate(ids, mask, new, pixels=None):
+        kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
+                  min_new_tokens=new, do_sample=False)
+        if pixels is not None:
+            kw["pixel_values"] = torch.tensor(pixels)
+        with torch.inference_mode():
+            return hf.generate(**kw)[:, ids.shape[1]:].numpy()
+
+    def ours(ids, mask, new, pixels=None):
+        return model.generate(ids, mask, pixels, max_new_tokens=new, min_new_tokens=new)
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t, out
+
+    for batch in args.batches:
+        ids, mask = text_prompts(batch, args.prompt, c.vocab_size, first_text, seed=batch)
+        compile_s, _ = timed(lambda: ours(ids, mask, args.new))
+        hf_generate(ids, mask, args.new)  # warm-up
+        t_hf, t_ours = [], []
+        for _ in range(args.reps):
+            dt, ref = timed(lambda: hf_generate(ids, mask, args.new))
+            t_hf.append(dt)
+            dt, got = timed(lambda: ours(ids, mask, args.new))
+            t_ours.append(dt)
+        same = bool(np.array_equal(ref, got))
+        compile_s -= statistics.median(t_ours)
+        # Our prefill and decode loop timed apart (same compiled programs as generate uses).
+        gen, pids, pmask, _, settings = model._generation_inputs(
+            ids, mask, None, model._settings(args.new, False, 1.0, 0, 1.0, 0, 1.0, None, args.new)
+        )
+        t_pre, t_dec = [], []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            plan, knobs, state = gen.start(params, pids, pmask, None, settings)
+            jax.block_until_ready(state)
+            t_pre.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            state = jax.block_until_ready(gen.run(params, state, knobs, plan, args.new))
+            t_dec.append(time.perf_counter() - t)
+        tokens = batch * args.new
+        hf_med, hf_lo, hf_hi = median_spread(t_hf)
+        our_med, our_lo, our_hi = median_spread(t_ours)
+        step = statistics.median(t_dec) / (args.new - 1)
+        print(f"\nbatch {batch}, prompt {args.prompt}, {args.new} new tokens (greedy; outputs identical: {same})")
+        print(f"  transformers: {tokens / hf_med:8.1f} tok/s  ({1000 * hf_med:.0f} ms/call, "
+              f"range {1000 * hf_lo:.0f}..{1000 * hf_hi:.0f})")
+        print(f"  chameleon-jax: {tokens / our_med:7.1f} tok/s  ({1000 * our_med:.0f} ms/call, "
+              f"range {1000 * our_lo:.0f}..{1000 * our_hi:.0f})")
+        print(f"  ratio: {hf_med / our_med:.2f}x")
+        print(f"  ours: {1000 * our_med / args.new:.2f} ms/token per call; prefill {1000 * statistics.median(t_pre):.1f} ms, "
+              f"decode step {1000 * step:.2f} ms -> {step_bytes / step / 1e9:.1f} GB/s of weights "
+              f"({100 * step_bytes / step / 1e9 / bw:.0f}% of the numpy copy bandwidth)")
+        print(f"  our compile time (first call - steady call): {compile_s:.2f} s")
+
+    if not args.no_image and c.vq_config is not None:
+        from chameleon_jax.vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
+
+        vm = c.vocabulary_map
+        r = c.vq_config.resolution
+        image = [vm[BOI_TOKEN]] + [vm[IMAGE_TOKEN]] * c.vq_config.tokens_per_image + [vm[EOI_TOKEN]]
+        text, _ = text_prompts(1, args.prompt, c.vocab_size, first_text, seed=99)
+        ids = np.array([text[0, :1].tolist() + image + text[0, 1:].tolist()], np.int64)
+        mask = np.ones_like(ids)
+        pixels = np.random.default_rng(0).uniform(-1, 1, (1, 3, r, r)).astype(np.float32)
+        compile_s, _ = timed(lambda: ours(ids, mask, 1, pixels))
+        hf_generate(ids, mask, 1, pixels)
+        t_hf, t_ours = [], []
+        for _ in range(args.reps):
+            t_hf.append(timed(lambda: hf_generate(ids, mask, 1, pixels))[0])
+            t_ours.append(timed(lambda: ours(ids, mask, 1, pixels))[0])
+        hf_med, hf_lo, hf_hi = median_spread(t_hf)
+        our_med, our_lo, our_hi = median_spread(t_ours)
+        print(f"\nimage prompt prefill: 1 image {r}x{r} ({c.vq_config.tokens_per_image} tokens) + {args.prompt} text "
+              f"tokens = {ids.shape[1]} tokens, batch 1, 1 new token")
+        print(f"  transformers:  {1000 * hf_med:7.1f} ms (range {1000 * hf_lo:.0f}..{1000 * hf_hi:.0f})")
+        print(f"  chameleon-jax: {1000 * our_med:7.1f} ms (range {1000 * our_lo:.0f}..{1000 * our_hi:.0f})")
+        print(f"  ratio: {hf_med / our_med:.2f}x; our compile time {compile_s - our_med:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Jitted text generation: one prefill of the left-padded batch, then an on-device decode loop.
+
+Shapes: B batch, T prompt length (after bucketing), S cache slots, N new tokens, V vocab.
+
+How a call runs
+  1. The host left-pads the prompt to a length bucket (:func:`bucket_length`) so prompts of
+     nearby lengths share one compiled program, and sizes the KV cache to
+     ``bucket_length(T + max_new_tokens)`` slots.
+  2. ``prefill`` (jitted) encodes any images, runs the whole prompt once, fills cache slots
+     [0, T), and picks the first new token from the last position's logits only.
+  3. ``decode`` (jitted, state donated so the cache is updated in place) runs a
+     ``lax.while_loop`` of one-token steps until every row has emitted a stop token or the
+     step limit is reached. Nothing returns to the host per token. Streaming calls the same
+     compiled ``decode`` with a nearer step limit, once per chunk.
+
+Positions follow transformers' generate: a row's tokens are numbered from its first real token
+(``cumsum(mask) - 1``), so left padding changes nothing.
+
+Token choice = composable pure functions on fp32 logits [B, V], applied in transformers' order:
+repetition penalty, min-new-tokens EOS suppression, then (sampling only) temperature, top-k,
+top-p, and a categorical draw. None of them can produce NaN: temperature subtracts the row max
+before dividing, filters always keep the top token, and a row left with no finite logit falls
+back to the argmax of its unfiltered logits.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ChameleonConfig
+from .errors import ChameleonError
+from .model import Chameleon, cache_mask, default_positions, init_cache
+
+Array = jax.Array
+_STOP_SLOTS = 8  # stop-token ids are padded to a multiple of this, so adding one rarely recompiles
+
+# ---------------------------------------------------------------------------------- buckets
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The padded length used for ``n`` tokens: four buckets per power of two.
+
+    ``n`` rounds up to a multiple of ``max(8, 2**(bit_length(n - 1) - 3))``: 16, 24, ..., 64,
+    80, 96, 112, 128, 160, ..., 256, 320, ..., 1024, 1280, ... Padding wastes under 25% of the
+    prefill (powers of two waste up to 50%), and a prompt length up to 4096 falls in one of
+    about 30 buckets.
+    """
+    n = max(int(n), minimum)
+    step = max(8, 1 << max((n - 1).bit_length() - 3, 0))
+    return -(-n // step) * step
+
+
+# ---------------------------------------------------------------------------------- logits processors
+
+
+def _finite_max(logits: Array) -> Array:
+    """Row max over finite entries, 0 for a row with none. [B, V] -> [B, 1]."""
+    m = jnp.max(jnp.where(jnp.isfinite(logits), logits, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def safe_softmax(logits: Array) -> Array:
+    """Softmax over the last axis that maps a row of all -inf to all zeros instead of NaN."""
+    z = jnp.exp(logits - _finite_max(logits))
+    total = jnp.sum(z, axis=-1, keepdims=True)
+    return z / jnp.where(total > 0, total, 1.0)
+
+
+def apply_repetition_penalty(logits: Array, seen: Array, penalty) -> Array:
+    """transformers' RepetitionPenaltyLogitsProcessor: for every token already in the sequence,
+    negative logits are multiplied by ``penalty`` and the others divided by it. seen: [B, V] bool."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def suppress_tokens(logits: Array, token_ids: Array, active) -> Array:
+    """-inf at ``token_ids`` (ids >= V are ignored) where ``active`` ([] or [B] bool) holds.
+
+    With the EOS ids this is transformers' MinNewTokensLengthLogitsProcessor."""
+    hit = jnp.zeros(logits.shape[-1], bool).at[token_ids].set(True, mode="drop")
+    return jnp.where(hit & jnp.reshape(active, (-1, 1)), -jnp.inf, logits)
+
+
+def apply_temperature(logits: Array, temperature) -> Array:
+    """logits / temperature, shifted so each row's max is 0 first.
+
+    The shift leaves the distribution unchanged and keeps a tiny temperature from overflowing:
+    the top token stays at 0 and the rest go to large negatives or -inf, never to +inf or NaN."""
+    return (logits - _finite_max(logits)) / temperature
+
+
+def apply_top_k(logits: Array, k: int) -> Array:
+    """Keep the ``k`` largest logits of each row (ties with the k-th kept), -inf elsewhere."""
+    k = min(int(k), logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_threshold(sorted_desc: Array, top_p) -> Array:
+    """Smallest logit kept by nucleus filtering, given each row sorted descending. [B, K] -> [B, 1].
+
+    As transformers' TopPLogitsWarper: a token is kept while the probability mass of the tokens
+    above it is below ``top_p``; the top token is always kept (so top_p=0 is greedy)."""
+    probs = safe_softmax(sorted_desc)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_above < top_p).at[..., 0].set(True)
+    last = jnp.sum(keep, axis=-1, keepdims=True) - 1
+    return jnp.take_along_axis(sorted_desc, last, axis=-1)
+
+
+def apply_top_p(logits: Array, top_p, candidates: int = 0) -> Array:
+    """Nucleus filtering. ``candidates`` > 0 sorts only the top that many (valid when the row
+    already holds at most that many finite logits, e.g. after top-k), which is far cheaper than a
+    full-vocabulary sort."""
+    if candidates:
+        sorted_desc = jax.lax.top_k(logits, min(candidates, logits.shape[-1]))[0]
+    else:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+    return jnp.where(logits < top_p_threshold(sorted_desc, top_p), -jnp.inf, logits)
+
+
+def sample_from_logits(logits: Array, keys: Array, fallback: Array) -> Array:
+    """One categorical draw per row (keys: [B] typed PRNG keys); rows with no finite logit take
+    ``fallback`` [B] instead."""
+    logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
+    drawn = jax.vmap(jax.random.categorical)(keys, logits)
+    ok = jnp.any(jnp.isfinite(logits), axis=-1)
+    return jnp.where(ok, drawn, fallback).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Mode:
+    """The compile-time part of the sampling settings (part of the jit cache key)."""
+
+    do_sample: bool = False
+    top_k: int = 0
+    use_top_p: bool = False
+    use_penalty: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything a generate call takes besides the batch. ``validate`` raises ChameleonError."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+
+    def validate(self, config: ChameleonConfig, prompt_length: int) -> "GenerationSettings":
+        def is_int(x):
+            return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+        def num(name):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool) or not np.isfinite(v):
+                raise ChameleonError(f"{name}: expected a finite number, got {v!r}")
+            return float(v)
+
+        n = self.max_new_tokens
+        if not is_int(n) or n < 1:
+            raise ChameleonError(f"max_new_tokens: expected an integer >= 1, got {n!r}")
+        # Dynamic NTK RoPE exists to run past max_position_embeddings; the other kinds may not.
+        if prompt_length + n > config.max_position_embeddings and config.rope_type != "dynamic":
+            raise ChameleonError(
+                f"max_new_tokens: prompt length {prompt_length} + max_new_tokens {n} = {prompt_length + n} exceeds "
+                f"max_position_embeddings {config.max_position_embeddings}"
+            )
+        if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise ChameleonError(f"min_new_tokens: expected an integer >= 0, got {self.min_new_tokens!r}")
+        temperature, top_p, penalty = num("temperature"), num("top_p"), num("repetition_penalty")
+        if temperature < 0:
+            raise ChameleonError(f"temperature: expected >= 0 (0 means greedy), got {temperature}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise ChameleonError(f"top_k: expected an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0.0 <= top_p <= 1.0:
+            raise ChameleonError(f"top_p: expected a value in [0, 1] (1 disables it), got {top_p}")
+        if penalty <= 0:
+            raise ChameleonError(f"repetition_penalty: expected > 0 (1 disables it), got {penalty}")
+        if not is_int(self.seed):
+            raise ChameleonError(f"seed: expected an integer, got {self.seed!r}")
+        for t in self.stop_token_ids:
+            if not is_int(t) or not 0 <= t < config.vocab_size:
+                raise ChameleonError(f"stop_token_ids: each id must be an integer in [0, {config.vocab_size}), got {t!r}")
+        return dataclasses.replace(
+            self, max_new_tokens=int(n), temperature=temperature, top_p=top_p, repetition_penalty=penalty,
+            top_k=int(self.top_k), seed=int(self.seed), min_new_tokens=int(self.min_new_tokens),
+            stop_token_ids=tuple(int(t) for t in self.stop_token_ids),
+        )
+
+    def mode(self, vocab_size: int) -> Mode:
+        sampling = bool(self.do_sample) and self.temperature > 0
+        if not sampling:
+            return Mode(use_penalty=self.repetition_penalty != 1.0)
+        top_k = self.top_k if 0 < self.top_k < vocab_size else 0
+        return Mode(True, top_k, self.top_p < 1.0, self.repetition_penalty != 1.0)
+
+
+def choose_tokens(logits: Array, mode: Mode, knobs: dict, step: Array, seen: Array | None) -> Array:
+    """Logits [B, V] fp32 of the current step -> next tokens [B] int32 (before EOS bookkeeping)."""
+    if mode.use_penalty:
+        logits = apply_repetition_penalty(logits, seen, knobs["penalty"])
+    logits = suppress_tokens(logits, knobs["stop_ids"], step < knobs["min_new"])
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not mode.do_sample:
+        return greedy
+    logits = apply_temperature(logits, knobs["temperature"])
+    if mode.top_k:
+        logits = apply_top_k(logits, mode.top_k)
+    if mode.use_top_p:
+        logits = apply_top_p(logits, knobs["top_p"], candidates=mode.top_k)
+    base = jax.random.key(knobs["seed"])
+    rows = jnp.arange(logits.shape[0], dtype=jnp.uint32)
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
+    return sample_from_logits(logits, keys, greedy)
+
+
+# ---------------------------------------------------------------------------------- generator
+
+
+def _last_logits_only(next_fun, args, kwargs, context):
+    """Method interceptor: Chameleon.logits on the last position only (prefill needs no more)."""
+    if context.method_name == "logits" and isinstance(context.module, Chameleon):
+        x, *rest = args
+        return next_fun(x[:, -1:], *rest, **kwargs)
+    return next_fun(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Static shapes of one generate call."""
+
+    batch: int
+    prompt_bucket: int
+    cache_length: int
+    max_new_tokens: int
+    mode: Mode
+
+
+class Generator:
+    """Jitted prefill and decode loop for one model; compiled programs are cached by jax.jit on
+    (batch, prompt bucket, cache length, max_new_tokens, images, mode).
+
+    ``traces`` counts how often each function was traced (= compiled): tests use it.
+    """
+
+    def __init__(self, module: Chameleon, config: ChameleonConfig):
+        self.module = module
+        self.config = config
+        self.traces = collections.Counter()
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("plan",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("plan",), donate_argnames=("state",))
+
+    # ---------------------------------------------------------------- host side
+    def plan(self, batch: int, prompt_length: int, settings: GenerationSettings) -> Plan:
+        bucket = bucket_length(prompt_length)
+        return Plan(batch, bucket, bucket_length(bucket + settings.max_new_tokens), settings.max_new_tokens,
+                    settings.mode(self.config.vocab_size))
+
+    def knobs(self, settings: GenerationSettings) -> dict:
+        c = self.config
+        stop = sorted(set(c.eos_token_ids) | set(settings.stop_token_ids))
+        width = max(_STOP_SLOTS, -(-len(stop) // _STOP_SLOTS) * _STOP_SLOTS)
+        stop_ids = np.full((width,), c.vocab_size, np.int32)  # vocab_size = no id (dropped / never equal)
+        stop_ids[: len(stop)] = stop
+        return {
+            "temperature": np.float32(settings.temperature if settings.temperature > 0 else 1.0),
+            "top_p": np.float32(settings.top_p),
+            "penalty": np.float32(settings.repetition_penalty),
+            "seed": np.uint32(settings.seed % 2**32),
+            "min_new": np.int32(settings.min_new_tokens),
+            "stop_ids": stop_ids,
+            "pad": np.int32(self.pad_token_id()),
+        }
+
+    def pad_token_id(self) -> int:
+        c = self.config
+        if c.pad_token_id is not None:
+            return int(c.pad_token_id)
+        return int(c.eos_token_ids[0]) if c.eos_token_ids else 0  # transformers' fallback
+
+    def pad_prompt(self, ids: np.ndarray, mask: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        """Left-pad [B, T] ids / mask to [B, bucket] (pad id, mask 0)."""
+        extra = bucket - ids.shape[1]
+        if extra == 0:
+            return ids, mask
+        ids = np.concatenate([np.full((ids.shape[0], extra), self.pad_token_id(), np.int32), ids], axis=1)
+        mask = np.concatenate([np.zeros((mask.shape[0], extra), np.int32), mask], axis=1)
+        return ids, mask
+
+    def start(self, params, ids, mask, pixels, settings: GenerationSettings):
+        """Prefill. ids, mask: [B, T] int32 (checked, left-padded); returns (plan, knobs, state)."""
+        plan = self.plan(ids.shape[0], ids.shape[1], settings)
+        ids, mask = self.pad_prompt(ids, mask, plan.prompt_bucket)
+        knobs = self.knobs(settings)
+        state = self._prefill(params, ids, mask, pixels, knobs, plan=plan)
+        return plan, knobs, state
+
+    def run(self, params, state, knobs, plan: Plan, limit: int):
+        """Decode until ``limit`` tokens exist per row (or every row stopped)."""
+        return self._decode(params, state, knobs, np.int32(limit), plan=plan)
+
+    def generate(self, params, ids, mask, pixels, settings: GenerationSettings) -> np.ndarray:
+        plan, knobs, state = self.start(params, ids, mask, pixels, settings)
+        state = self.run(params, state, knobs, plan, plan.max_new_tokens)
+        return np.asarray(state["tokens"])
+
+    def stream(self, params, ids, mask, pixels, settings: GenerationSettings, chunk: int) -> Iterator[np.ndarray]:
+        """Yields [B, n] token chunks: the first token alone (right after prefill), then up to
+        ``chunk`` tokens at a time, until every row stopped or max_new_tokens are out."""
+        plan, knobs, state = self.start(params, ids, mask, pixels, settings)
+        emitted = 0
+        while True:
+            step, done, tokens = jax.device_get((state["step"], state["done"], state["tokens"][:, emitted:]))
+            step = int(step)
+            if step > emitted:
+                yield np.asarray(tokens[:, : step - emitted])
+                emitted = step
+            if step >= plan.max_new_tokens or bool(np.all(done)):
+                return
+            state = self.run(params, state, knobs, plan, min(step + chunk, plan.max_new_tokens))
+
+    # ---------------------------------------------------------------- device side
+    def _prefill_impl(self, params, ids, mask, pixels, knobs, *, plan: Plan):
+        self.traces["prefill"] += 1
+        b, t = ids.shape
+        s = plan.cache_length
+        cache = init_cache(self.config, b, s)
+        kv_valid = jnp.zeros((b, s), bool).at[:, :t].set(mask > 0)
+        positions = default_positions(mask)
+        with nn.intercept_methods(_last_logits_only):
+            logits, cache = self.module.apply(
+                {"params": params}, ids, positions, cache_mask(kv_valid, 0, t), pixels, cache, 0,
+            )
+        seen = None
+        if plan.mode.use_penalty:
+            # transformers ignores the left padding and penalizes every prompt token after it.
+            counted = jnp.cumsum(mask, axis=1) > 0
+            v = self.config.vocab_size
+            rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
+            seen = jnp.zeros((b, v + 1), bool).at[rows, jnp.where(counted, ids, v)].set(True)[:, :v]
+        tok = choose_tokens(logits[:, -1], plan.mode, knobs, jnp.int32(0), seen)
+        tokens = jnp.full((b, plan.max_new_tokens), knobs["pad"], jnp.int32).at[:, 0].set(tok)
+        state = {
+            "cache": cache,
+            "kv_valid": kv_valid,
+            "tokens": tokens,
+            "last": tok,
+            "done": jnp.isin(tok, knobs["stop_ids"]),
+            "positions": jnp.sum(mask, axis=1).astype(jnp.int32),  # position of the token fed next
+            "slot": jnp.int32(t),  # cache slot of the token fed next
+            "step": jnp.int32(1),  # tokens generated so far
+        }
+        if seen is not None:
+            state["seen"] = seen.at[jnp.arange(b), tok].set(True)
+        return state
+
+    def _decode_impl(self, params, state, knobs, limit, *, plan: Plan):
+        self.traces["decode"] += 1
+        b = plan.batch
+
+        def cond(st):
+            return (st["step"] < limit) & ~jnp.all(st["done"])
+
+        def body(st):
+            slot, step = st["slot"], st["step"]
+            kv_valid = jax.lax.dynamic_update_slice(st["kv_valid"], jnp.ones((b, 1), bool), (0, slot))
+            logits, cache = self.module.apply(
+                {"params": params}, st["last"][:, None], st["positions"][:, None],
+                cache_mask(kv_valid, slot, 1), None, st["cache"], slot,
+            )
+            tok = choose_tokens(logits[:, 0], plan.mode, knobs, step, st.get("seen"))
+            tok = jnp.where(st["done"], knobs["pad"], tok)
+            new = dict(
+                st,
+                cache=cache,
+                kv_valid=kv_valid,
+                tokens=jax.lax.dynamic_update_slice(st["tokens"], tok[:, None], (0, step)),
+                last=tok,
+                done=st["done"] | jnp.isin(tok, knobs["stop_ids"]),
+                positions=st["positions"] + 1,
+                slot=slot + 1,
+                step=step + 1,
+            )
+            if "seen" in st:
+                new["seen"] = st["seen"].at[jnp.arange(b), tok].set(True)
+            return new
+
+        return jax.lax.while_loop(cond, body, state)

@@ -1,0 +1,179 @@
+"""Bad input gets a ChameleonError naming the file, tensor, field or argument."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import chameleon_jax as cj
+from chameleon_jax import ChameleonError
+from chameleon_jax.checkpoint import SafetensorsFile, save_hf
+from chameleon_jax.demo import build_tiny_checkpoint
+from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad") / "good"
+    build_hf_model(d, seed=31)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(good):
+    return cj.load(good)
+
+
+def _copy(good, tmp_path, name="ckpt"):
+    dst = tmp_path / name
+    shutil.copytree(good, dst)
+    return dst
+
+
+def _edit_tensors(d, fn):
+    path = d / "model.safetensors"
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _raises(match, fn, *a, **kw):
+    with pytest.raises(ChameleonError, match=match) as e:
+        fn(*a, **kw)
+    return str(e.value)
+
+
+def test_missing_tensor(good, tmp_path):
+    d = _copy(good, tmp_path)
+    _edit_tensors(d, lambda t: t.pop("model.layers.1.self_attn.k_norm.bias"))
+    _raises(r"missing tensor.*model\.layers\.1\.self_attn\.k_norm\.bias", cj.load, d)
+
+
+def test_unexpected_tensor(good, tmp_path):
+    d = _copy(good, tmp_path)
+    _edit_tensors(d, lambda t: t.update({"model.layers.7.mlp.up_proj.weight": np.zeros((2, 2), np.float32)}))
+    msg = _raises(r"unexpected tensor.*model\.layers\.7\.mlp\.up_proj\.weight", cj.load, d)
+    assert "model.safetensors" in msg
+
+
+def test_wrong_shape(good, tmp_path):
+    d = _copy(good, tmp_path)
+    _edit_tensors(d, lambda t: t.update({"model.layers.0.mlp.down_proj.weight": np.zeros((64, 95), np.float32)}))
+    _raises(r"model\.layers\.0\.mlp\.down_proj\.weight.*shape \[64, 95\], expected \[64, 96\]", cj.load, d)
+
+
+def test_truncated_safetensors(good, tmp_path):
+    d = _copy(good, tmp_path)
+    path = d / "model.safetensors"
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 1000)
+    _raises(r"model\.safetensors: not a valid safetensors file .*truncated", cj.load, d)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00\x01garbage", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx"])
+def test_corrupt_safetensors(good, tmp_path, payload):
+    d = _copy(good, tmp_path)
+    (d / "model.safetensors").write_bytes(payload)
+    _raises(r"model\.safetensors: not a valid safetensors file", cj.load, d)
+
+
+def test_index_points_to_missing_shard(good, tmp_path):
+    d = _copy(good, tmp_path)
+    names = SafetensorsFile(str(d / "model.safetensors")).keys()
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in names}
+    weight_map[names[0]] = "model-00002-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _raises(r"model-00002-of-00002\.safetensors: file not found", cj.load, d)
+
+
+def test_not_a_chameleon_config(good, tmp_path):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (d / "config.json").write_text(json.dumps(cfg))
+    _raises(r"config\.json: model_type is 'llama', expected 'chameleon'", cj.load, d)
+
+
+def test_config_not_json(good, tmp_path):
+    d = _copy(good, tmp_path)
+    (d / "config.json").write_text("{ this is not json")
+    _raises(r"config\.json: not valid JSON", cj.load, d)
+
+
+def test_config_missing_field(good, tmp_path):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    _raises(r"config\.json: missing required field\(s\) \['hidden_size'\]", cj.load, d)
+
+
+@pytest.mark.parametrize("where", ["top", "vq"])
+def test_config_unknown_field(good, tmp_path, where):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (cfg if where == "top" else cfg["vq_config"])["hiden_size"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    _raises(r"unknown field\(s\) \['hiden_size'\]", cj.load, d)
+
+
+def test_unsupported_rope_type(good, tmp_path):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    _raises(r"rope type 'yarn' is not supported", cj.load, d)
+
+
+def test_missing_files(good, tmp_path):
+    _raises(r"no such directory", cj.load, tmp_path / "nope")
+    d = _copy(good, tmp_path, "no_config")
+    (d / "config.json").unlink()
+    _raises(r"config\.json: config file not found", cj.load, d)
+    d = _copy(good, tmp_path, "no_weights")
+    (d / "model.safetensors").unlink()
+    _raises(r"no model\.safetensors or model\.safetensors\.index\.json", cj.load, d)
+
+
+def test_bad_dtype_and_mesh(good):
+    _raises(r"dtype: 'int8' is not supported", cj.load, good, dtype="int8")
+
+
+def test_image_placeholder_count_mismatch(model):
+    ids = np.array([text_ids(4, 1) + image_placeholders(model.config, 2)])
+    _raises(r"128 <image> placeholder tokens but 1 image\(s\) need 64", model.logits, ids, pixel_values=random_pixels(1))
+    _raises(r"placeholder tokens but no pixel_values", model.logits, ids)
+
+
+def test_bad_forward_arguments(model):
+    ids = np.array([text_ids(6, 2)])
+    _raises(r"pixel_values: expected \[N, 3, 16, 16\]", model.logits, ids, pixel_values=np.zeros((1, 3, 8, 8)))
+    _raises(r"attention_mask: shape \(1, 5\) does not match input_ids \(1, 6\)", model.logits, ids,
+            attention_mask=np.ones((1, 5)))
+    _raises(r"input_ids: ids must lie in \[0, 256\)", model.logits, np.array([[1, 999]]))
+    _raises(r"input_ids: expected an integer array", model.logits, np.zeros((1, 3), np.float32))
+    _raises(r"sequence length 513 exceeds max_position_embeddings 512", model.logits, np.ones((1, 513), np.int32))
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from chameleon_jax import checkpoint
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", boom)
+    with pytest.raises(OSError):
+        build_tiny_checkpoint(tmp_path / "out")
+    assert os.listdir(tmp_path) == []  # no partial dir, no temp dir
+
+
+def test_save_refuses_existing_dir(tmp_path):
+    (tmp_path / "exists").mkdir()
+    _raises(r"already exists", save_hf, {}, cj.ChameleonConfig(), str(tmp_path / "exists"))
