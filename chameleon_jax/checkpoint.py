@@ -201,31 +201,53 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
             f.write(arrays[name].tobytes())
 
 
-def _hf_files(directory: str) -> dict[str, SafetensorsFile]:
-    """tensor name -> open file, from model.safetensors or model.safetensors.index.json."""
-    index = os.path.join(directory, "model.safetensors.index.json")
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ChameleonError(f"{index}: not a valid safetensors index ({e!r})") from None
-        opened: dict[str, SafetensorsFile] = {}
-        out = {}
-        for name, fname in weight_map.items():
-            if fname not in opened:
-                opened[fname] = SafetensorsFile(os.path.join(directory, fname))
-            if name not in opened[fname].keys():
-                raise ChameleonError(f"{index}: tensor {name!r} is mapped to {fname}, which does not hold it")
-            out[name] = opened[fname]
-        return out
-    if os.path.isfile(single):
-        f = SafetensorsFile(single)
-        return {name: f for name in f.keys()}
-    raise ChameleonError(
-        f"{directory}: no model.safetensors or model.safetensors.index.json (expected an HF Chameleon directory)"
-    )
+class HFSource:
+    """The tensors of an HF directory: model.safetensors or model.safetensors.index.json.
+
+    A *tensor source* is anything with ``keys()``, ``shape(name)``, ``get(name) -> np.ndarray``
+    and ``where(name) -> str`` (for messages), holding tensors under HF names and in HF layout;
+    :func:`read_params` turns one into our param tree. meta_format.py provides another.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        self._files: dict[str, SafetensorsFile] = {}
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+                weight_map = dict(weight_map)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ChameleonError(f"{index}: not a valid safetensors index ({e!r})") from None
+            opened: dict[str, SafetensorsFile] = {}
+            for name, fname in weight_map.items():
+                if fname not in opened:
+                    opened[fname] = SafetensorsFile(os.path.join(directory, fname))
+                if name not in opened[fname].keys():
+                    raise ChameleonError(f"{index}: tensor {name!r} is mapped to {fname}, which does not hold it")
+                self._files[name] = opened[fname]
+        elif os.path.isfile(single):
+            f = SafetensorsFile(single)
+            self._files = {name: f for name in f.keys()}
+        else:
+            raise ChameleonError(
+                f"{directory}: no model.safetensors or model.safetensors.index.json "
+                "(expected an HF Chameleon directory)"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._files[name].shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._files[name].get(name)
+
+    def where(self, name: str) -> str:
+        return self._files[name].path
 
 
 # ------------------------------------------------------------------ params <-> HF tensors
@@ -239,43 +261,51 @@ def expected_params(config: ChameleonConfig) -> dict[str, jax.ShapeDtypeStruct]:
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-def read_hf_params(directory: str, config: ChameleonConfig, dtype=None, put: Callable | None = None) -> dict:
-    """Read an HF safetensors checkpoint into our param tree (nested dict of arrays).
+def read_params(source, config: ChameleonConfig, dtype=None, put: Callable | None = None) -> dict:
+    """Turn a tensor source (HF names and layout, see :class:`HFSource`) into our param tree.
 
-    Tensor by tensor: each is read (mmap), checked, transposed and handed to ``put(path, array)``
-    (default ``jax.device_put``), so peak host memory is about one tensor beyond the result.
+    Checks first (missing, unexpected, wrong-shape tensors, each named with its file), then
+    converts tensor by tensor: each is read, transposed, cast and handed to ``put(path, array)``
+    (default ``jax.device_put``), so host memory holds about one tensor beyond the result.
     ``dtype``: cast every param to it; None keeps the checkpoint's dtype.
     """
-    files = _hf_files(directory)
     expected = expected_params(config)
     wanted = {}
     for path, sds in expected.items():
         name, layout = hf_name(path)
         wanted[name] = (path, layout, tuple(sds.shape))
-    missing = sorted(set(wanted) - set(files))
+    have = set(source.keys())
+    missing = sorted(set(wanted) - have)
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ChameleonError(f"{directory}: checkpoint is missing tensor(s) {missing[:5]}{more}")
+        where = getattr(source, "directory", "checkpoint")
+        raise ChameleonError(f"{where}: checkpoint is missing tensor(s) {missing[:5]}{more}")
     tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    extra = sorted(n for n in files if n not in wanted and n not in tolerated and not _IGNORED.fullmatch(n))
+    extra = sorted(n for n in have if n not in wanted and n not in tolerated and not _IGNORED.fullmatch(n))
     if extra:
         more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
         raise ChameleonError(
-            f"{files[extra[0]].path}: unexpected tensor(s) {extra[:5]}{more} not used by this config"
+            f"{source.where(extra[0])}: unexpected tensor(s) {extra[:5]}{more} not used by this config"
         )
+    for name, (path, layout, shape) in wanted.items():
+        want_hf = _hf_shape(shape, layout)
+        if tuple(source.shape(name)) != want_hf:
+            raise ChameleonError(
+                f"{source.where(name)}: tensor {name!r} has shape {list(source.shape(name))}, "
+                f"expected {list(want_hf)} for this config"
+            )
     put = put or (lambda _path, a: jax.device_put(a))
     flat = {}
     for name, (path, layout, shape) in wanted.items():
-        f = files[name]
-        want_hf = _hf_shape(shape, layout)
-        if f.shape(name) != want_hf:
-            raise ChameleonError(
-                f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, expected {list(want_hf)} for this config"
-            )
-        a = _to_ours(f.get(name), layout, shape)
+        a = _to_ours(source.get(name), layout, shape)
         target = np.dtype(dtype) if dtype is not None else a.dtype
         flat[path] = put(path, np.ascontiguousarray(a, dtype=target))
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def read_hf_params(directory: str, config: ChameleonConfig, dtype=None, put: Callable | None = None) -> dict:
+    """Read an HF safetensors checkpoint directory into our param tree (see :func:`read_params`)."""
+    return read_params(HFSource(directory), config, dtype, put)
 
 
 def hf_tensors(params: Mapping) -> Iterable[tuple[str, np.ndarray]]:
