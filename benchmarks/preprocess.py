@@ -8,6 +8,7 @@ Prints the median of several runs for each side and the ratio (transformers / ou
 after checking that both produce the same numbers.
 
     python benchmarks/preprocess.py [--num-images 16] [--width 1024] [--height 768] [--repeats 5]
+                                    [--threads N]
 """
 
 from __future__ import annotations
@@ -60,15 +61,20 @@ def main(argv=None) -> None:
     ap.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
     ap.add_argument("--height", type=int, default=768, help="image height in pixels (default 768)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per side; the median is reported")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="worker threads for our image preprocessing (default: min(8, CPU cores))")
     args = ap.parse_args(argv)
 
+    import transformers
     from transformers import ChameleonProcessor as HFChameleonProcessor
+
+    transformers.logging.set_verbosity_error()  # its "sequence longer than model_max_length" notice
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_test_tokenizer(tmp / "proc")  # default Chameleon settings: 512x512 crop, 1024 tokens per image
         paths = make_jpegs(tmp, args.num_images, args.width, args.height)
-        ours = ChameleonProcessor.from_pretrained(tmp / "proc")
+        ours = ChameleonProcessor.from_pretrained(tmp / "proc", num_threads=args.threads)
         theirs = HFChameleonProcessor.from_pretrained(tmp / "proc")
         prompt = "Compare these images: " + "<image>" * args.num_images
 
@@ -94,11 +100,13 @@ def main(argv=None) -> None:
         assert float(np.abs(pix_ours() - pix_theirs()).max()) <= 1e-6
 
         print(f"{args.num_images} JPEG images {args.width}x{args.height} -> {a['pixel_values'].shape}, "
-              f"{os.cpu_count()} CPU cores, ours uses {ours.num_threads} threads; median of {args.repeats} runs")
+              f"{os.cpu_count()} CPU cores, ours uses {ours.num_threads} threads; "
+              f"median of {args.repeats} runs")
         for label, f_ours, f_theirs in (("full call from paths", run_ours, run_theirs),
                                         ("pixels from PIL images", pix_ours, pix_theirs)):
             t_ours, t_theirs = median_time(f_ours, args.repeats), median_time(f_theirs, args.repeats)
-            print(f"{label:24s} chameleon_jax {t_ours * 1e3:8.1f} ms   transformers {t_theirs * 1e3:8.1f} ms   "
+            print(f"{label:24s} chameleon_jax {t_ours * 1e3:8.1f} ms   "
+                  f"transformers {t_theirs * 1e3:8.1f} ms   "
                   f"ratio (transformers/ours) {t_theirs / t_ours:5.2f}x")
 
 

@@ -1,11 +1,10 @@
 """chameleon-jax: Meta's Chameleon mixed-modal model in JAX/Flax."""
 
+from .api import ChameleonModel, load
 from .config import ChameleonConfig, VQConfig, load_preset
 from .errors import ChameleonError
+from .processing import ChameleonProcessor
+from .sharding import make_mesh
 
-__all__ = ["ChameleonConfig", "VQConfig", "ChameleonError", "load_preset"]
+__all__ = ["ChameleonConfig", "ChameleonError", "ChameleonModel", "ChameleonProcessor", "VQConfig", "load", "load_preset", "make_mesh"]
 __version__ = "0.1.0"
-
-from .api import ChameleonModel, load  # noqa: E402
-
-__all__ += ["ChameleonModel", "load"]

@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoint import read_hf_params
+from .checkpoint import is_orbax_dir, read_hf_params, read_orbax
 from .config import ChameleonConfig
 from .errors import ChameleonError
 from .model import Chameleon, causal_mask, default_positions
+from .sharding import batch_sharding, param_shardings
 
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
@@ -34,6 +35,7 @@ class ChameleonModel:
 
     config: ChameleonConfig
     params: Any
+    mesh: Any = None
     module: Chameleon = field(init=False)
 
     def __post_init__(self):
@@ -105,8 +107,15 @@ class ChameleonModel:
         ``suppress_image_tokens=False`` (image generation).
         """
         ids, mask, pos, pixels = self._check_inputs(input_ids, attention_mask, pixel_values, position_ids)
+        ids, mask, pos, pixels = self.put_batch(ids, mask, pos, pixels)
         out = self._logits_fn(self.params, ids, mask, pos, pixels, suppress=suppress_image_tokens)
         return np.asarray(out)
+
+    def put_batch(self, *arrays):
+        """Place batch-major host arrays on the mesh (batch over data+fsdp); no-op without one."""
+        if self.mesh is None:
+            return arrays
+        return tuple(None if a is None else jax.device_put(a, batch_sharding(self.mesh, a.shape)) for a in arrays)
 
     def image_tokens(self, pixel_values) -> np.ndarray:
         """pixel_values [N, 3, H, W] -> BPE ids of the image tokens [N, tokens_per_image]."""
@@ -186,24 +195,31 @@ class ChameleonModel:
 
 
 def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None) -> ChameleonModel:
-    """Load an HF Chameleon directory (config.json + model.safetensors or a sharded index).
+    """Load a Chameleon checkpoint directory.
 
-    ``dtype``: params are cast to it and it becomes the compute dtype ("float32", "bfloat16");
-    None keeps the checkpoint's dtype.
+    ``path``: an HF directory (config.json + model.safetensors or a sharded index) or a
+    directory written by ``chameleon-jax convert`` (Orbax). ``dtype``: params are cast to it and
+    it becomes the compute dtype ("float32", "bfloat16"); None keeps the checkpoint's dtype.
+    ``mesh`` (from :func:`chameleon_jax.make_mesh`): params are placed straight into their
+    shardings (sharding.RULES); an Orbax directory is restored slice by slice, so no host holds
+    the whole model. ``logits`` and ``generate`` then run over the mesh with the batch sharded.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ChameleonError(f"{path}: no such directory (expected an HF Chameleon checkpoint directory)")
-    if mesh is not None:
-        raise ChameleonError("mesh: sharded loading is not available yet (planned with the Orbax/sharding issue)")
+        raise ChameleonError(f"{path}: no such directory (expected an HF or converted Chameleon checkpoint directory)")
     config = ChameleonConfig.from_json_file(os.path.join(path, "config.json"))
     if dtype is not None:
         if str(dtype) not in _DTYPE_NAMES:
             raise ChameleonError(f"dtype: {dtype!r} is not supported; expected one of {sorted(set(_DTYPE_NAMES))}")
         dtype = _DTYPE_NAMES[str(dtype)]
         config = config.replace(dtype=dtype)
-    params = read_hf_params(path, config, dtype=dtype)
+    shardings = param_shardings(config, mesh) if mesh is not None else None
+    if is_orbax_dir(path):
+        params = read_orbax(path, config, shardings, dtype)
+    else:
+        put = (lambda p, a: jax.device_put(a, shardings[p])) if shardings is not None else None
+        params = read_hf_params(path, config, dtype=dtype, put=put)
     if dtype is None:
         leaves = jax.tree.leaves(params)
         config = config.replace(dtype=str(leaves[0].dtype) if leaves else "float32")
-    return ChameleonModel(config, params)
+    return ChameleonModel(config, params, mesh=mesh)

@@ -6,20 +6,21 @@ its Hugging Face tensor name and layout transform; import and export both use it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import struct
+import shutil
 import tempfile
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
 from .config import ChameleonConfig
 from .errors import ChameleonError
+from .safetensors_io import SafetensorsFile, write_safetensors
 
 # ------------------------------------------------------------------ name table
 # (param path regex, HF name template, layout). Layouts: how the HF tensor is stored relative
@@ -106,101 +107,6 @@ def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
     return x
 
 
-# ------------------------------------------------------------------ safetensors
-_ST_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-class SafetensorsFile:
-    """Read-only, memory-mapped safetensors file; tensors are numpy views (no copy, any dtype).
-
-    Validates the header and that every tensor's byte range lies inside the file, so truncated
-    or corrupt files fail here with the file named, not later with a bus error.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        if not os.path.isfile(path):
-            raise ChameleonError(f"{path}: file not found")
-        size = os.path.getsize(path)
-        try:
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("shorter than the 8-byte header length")
-                (n,) = struct.unpack("<Q", head)
-                if n > size - 8 or n > 100 * 2**20:
-                    raise ValueError(f"header length {n} exceeds the file size {size}")
-                header = json.loads(f.read(n))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-            self.metadata = header.pop("__metadata__", None) or {}
-            data_size = size - 8 - n
-            self._entries = {}
-            for name, e in header.items():
-                dtype = _ST_DTYPES.get(e.get("dtype"))
-                if dtype is None:
-                    raise ValueError(f"tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
-                start, end = (int(v) for v in e["data_offsets"])
-                shape = tuple(int(s) for s in e["shape"])
-                if not 0 <= start <= end <= data_size:
-                    raise ValueError(f"tensor {name!r} lies outside the file (truncated?)")
-                if end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-                    raise ValueError(f"tensor {name!r}: byte size does not match shape {shape}")
-                self._entries[name] = (np.dtype(dtype), shape, 8 + n + start)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:
-            raise ChameleonError(f"{path}: not a valid safetensors file ({e})") from None
-        self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size else None
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name][1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._entries[name][0]
-
-    def get(self, name: str) -> np.ndarray:
-        dtype, shape, offset = self._entries[name]
-        count = int(np.prod(shape))
-        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
-    """Write tensors to ``path`` (numpy arrays, bf16 via ml_dtypes). Not atomic by itself."""
-    header: dict[str, Any] = {}
-    offset = 0
-    arrays = {}
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
-        if a.dtype not in _ST_NAMES:
-            raise ChameleonError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors")
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays[name] = a
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name in sorted(arrays):
-            f.write(arrays[name].tobytes())
-
-
 class HFSource:
     """The tensors of an HF directory: model.safetensors or model.safetensors.index.json.
 
@@ -261,21 +167,19 @@ def expected_params(config: ChameleonConfig) -> dict[str, jax.ShapeDtypeStruct]:
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-def read_params(source, config: ChameleonConfig, dtype=None, put: Callable | None = None) -> dict:
-    """Turn a tensor source (HF names and layout, see :class:`HFSource`) into our param tree.
+def plan_params(source, config: ChameleonConfig) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """Check a tensor source against ``config``; returns [(param path, HF name, layout, shape)].
 
-    Checks first (missing, unexpected, wrong-shape tensors, each named with its file), then
-    converts tensor by tensor: each is read, transposed, cast and handed to ``put(path, array)``
-    (default ``jax.device_put``), so host memory holds about one tensor beyond the result.
-    ``dtype``: cast every param to it; None keeps the checkpoint's dtype.
+    Raises ChameleonError for missing, unexpected and wrong-shape tensors, naming the file.
     """
     expected = expected_params(config)
-    wanted = {}
+    plan = []
     for path, sds in expected.items():
         name, layout = hf_name(path)
-        wanted[name] = (path, layout, tuple(sds.shape))
+        plan.append((path, name, layout, tuple(sds.shape)))
+    wanted = {name for _, name, _, _ in plan}
     have = set(source.keys())
-    missing = sorted(set(wanted) - have)
+    missing = sorted(wanted - have)
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         where = getattr(source, "directory", "checkpoint")
@@ -287,20 +191,35 @@ def read_params(source, config: ChameleonConfig, dtype=None, put: Callable | Non
         raise ChameleonError(
             f"{source.where(extra[0])}: unexpected tensor(s) {extra[:5]}{more} not used by this config"
         )
-    for name, (path, layout, shape) in wanted.items():
+    for path, name, layout, shape in plan:
         want_hf = _hf_shape(shape, layout)
         if tuple(source.shape(name)) != want_hf:
             raise ChameleonError(
                 f"{source.where(name)}: tensor {name!r} has shape {list(source.shape(name))}, "
                 f"expected {list(want_hf)} for this config"
             )
+    return plan
+
+
+def read_params(source, config: ChameleonConfig, dtype=None, put: Callable | None = None) -> dict:
+    """Turn a tensor source (HF names and layout, see :class:`HFSource`) into our param tree.
+
+    Checks first (:func:`plan_params`), then converts tensor by tensor: each is read,
+    transposed, cast and handed to ``put(path, array)`` (default ``jax.device_put``), so host
+    memory holds about one tensor beyond the result. ``dtype``: cast every param to it; None
+    keeps the checkpoint's dtype.
+    """
     put = put or (lambda _path, a: jax.device_put(a))
     flat = {}
-    for name, (path, layout, shape) in wanted.items():
-        a = _to_ours(source.get(name), layout, shape)
-        target = np.dtype(dtype) if dtype is not None else a.dtype
-        flat[path] = put(path, np.ascontiguousarray(a, dtype=target))
+    for path, name, layout, shape in plan_params(source, config):
+        flat[path] = put(path, convert_tensor(source.get(name), layout, shape, dtype))
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def convert_tensor(x: np.ndarray, layout: str, shape: tuple[int, ...], dtype=None) -> np.ndarray:
+    """One HF tensor -> our layout (a contiguous copy), cast to ``dtype`` when given."""
+    a = _to_ours(x, layout, shape)
+    return np.ascontiguousarray(a, dtype=np.dtype(dtype) if dtype is not None else a.dtype)
 
 
 def read_hf_params(directory: str, config: ChameleonConfig, dtype=None, put: Callable | None = None) -> dict:
@@ -308,50 +227,184 @@ def read_hf_params(directory: str, config: ChameleonConfig, dtype=None, put: Cal
     return read_params(HFSource(directory), config, dtype, put)
 
 
-def hf_tensors(params: Mapping) -> Iterable[tuple[str, np.ndarray]]:
-    """Yield (HF name, numpy array) for every param, one at a time."""
+def hf_tensors(params: Mapping) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF name, numpy array) for every param, one at a time (sharded arrays gathered)."""
     for path, value in traverse_util.flatten_dict(dict(params), sep="/").items():
         name, layout = hf_name(path)
-        yield name, _to_hf(np.asarray(jax.device_get(value)), layout)
+        yield name, np.ascontiguousarray(_to_hf(np.asarray(jax.device_get(value)), layout))
 
 
-def save_hf(params: Mapping, config: ChameleonConfig, directory: str, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write an HF directory (config.json + safetensors, sharded with an index when large).
+@contextlib.contextmanager
+def atomic_dir(directory: str, overwrite: bool = False):
+    """Yield a temp dir beside ``directory``; on success it replaces ``directory`` in one rename.
 
-    Atomic: written into a temp dir beside ``directory``, renamed at the end. ``directory`` must
-    not exist.
+    On any failure the temp dir is removed and ``directory`` (absent or the previous version)
+    is left as it was. ``overwrite=False`` refuses an existing ``directory``.
     """
     directory = os.path.abspath(directory)
-    if os.path.exists(directory):
-        raise ChameleonError(f"{directory}: already exists; refusing to overwrite")
+    if os.path.exists(directory) and not overwrite:
+        raise ChameleonError(f"{directory}: already exists; refusing to overwrite (pass overwrite / --overwrite)")
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp", dir=parent)
     try:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for name, a in hf_tensors(params):
-            if size and size + a.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = a
-            size += a.nbytes
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            write_safetensors(os.path.join(tmp, "model.safetensors"), shards[0], meta)
+        yield tmp
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old", dir=parent)
+            os.replace(directory, os.path.join(old, "x"))
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(os.path.join(tmp, fname), shard, meta)
-                weight_map.update({n: fname for n in shard})
-            total = sum(a.nbytes for s in shards for a in s.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        config.to_json_file(os.path.join(tmp, "config.json"))
-        os.replace(tmp, directory)
+            os.replace(tmp, directory)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_hf_tensors(directory: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:
+    """Stream (name, array) pairs into safetensors shards (+ index when more than one)."""
+    meta = {"format": "pt"}
+    shard: dict[str, np.ndarray] = {}
+    size = 0
+    files: list[tuple[str, list[str]]] = []
+
+    def flush():
+        nonlocal shard, size
+        fname = f"part-{len(files):05d}.safetensors"
+        write_safetensors(os.path.join(directory, fname), shard, meta)
+        files.append((fname, list(shard)))
+        shard, size = {}, 0
+
+    total = 0
+    for name, a in tensors:
+        if shard and size + a.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = a
+        size += a.nbytes
+        total += a.nbytes
+    if shard or not files:
+        flush()
+    if len(files) == 1:
+        os.replace(os.path.join(directory, files[0][0]), os.path.join(directory, "model.safetensors"))
+        return
+    weight_map = {}
+    for i, (fname, names) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(os.path.join(directory, fname), os.path.join(directory, final))
+        weight_map.update({n: final for n in names})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def save_hf(params: Mapping, config: ChameleonConfig, directory: str, max_shard_bytes: int = 5 * 2**30,
+            overwrite: bool = False, extra_files: Iterable[str] = ()) -> None:
+    """Write an HF directory (config.json + safetensors, sharded with an index when large) that
+    transformers loads. Atomic (temp dir + rename). ``extra_files`` are copied in (tokenizer).
+    """
+    with atomic_dir(directory, overwrite) as tmp:
+        write_hf_tensors(tmp, hf_tensors(params), max_shard_bytes)
+        config.to_json_file(os.path.join(tmp, "config.json"))
+        for f in extra_files:
+            shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
+
+
+# ------------------------------------------------------------------ Orbax (converted) format
+# DST/chameleon_jax.json        {"format": ORBAX_FORMAT, "groups": [...], ...}
+# DST/config.json               HF config
+# DST/params/<group>/           one Orbax checkpoint per top-level param group (embed_tokens,
+#                               layers_0, ..., norm, lm_head, vqmodel). Written group by group so
+#                               conversion holds one group in memory, never the whole model.
+# DST/extra_tensors.safetensors tensors our model does not use yet (Meta's VQ-GAN decoder)
+ORBAX_FORMAT = "chameleon-jax/orbax-v1"
+MARKER = "chameleon_jax.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
+    "preprocessor_config.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+)
+
+
+def is_orbax_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def write_orbax(directory: str, config: ChameleonConfig, source, dtype=None, extra_tensors=(),
+                progress: Callable[[str, int, int], None] | None = None) -> None:
+    """Convert a tensor source into the Orbax layout above, in ``directory`` (must be empty)."""
+    plan = plan_params(source, config)
+    groups: dict[str, list] = {}
+    for item in plan:
+        groups.setdefault(item[0].split("/")[0], []).append(item)
+    ckpt = _checkpointer()
+    dtypes = set()
+    for i, (group, items) in enumerate(groups.items()):
+        if progress:
+            progress(group, i, len(groups))
+        flat = {}
+        for path, name, layout, shape in items:
+            flat[path] = convert_tensor(source.get(name), layout, shape, dtype)
+            dtypes.add(str(flat[path].dtype))
+        tree = traverse_util.unflatten_dict(flat, sep="/")  # {group: subtree}
+        ckpt.save(os.path.join(directory, "params", group), tree)
+        ckpt.wait_until_finished()
+        del flat, tree
+    if progress:
+        progress("done", len(groups), len(groups))
+    extras = dict(extra_tensors)
+    if extras:
+        write_safetensors(os.path.join(directory, "extra_tensors.safetensors"), extras)
+    config.to_json_file(os.path.join(directory, "config.json"))
+    with open(os.path.join(directory, MARKER), "w") as f:
+        json.dump({"format": ORBAX_FORMAT, "groups": list(groups), "dtypes": sorted(dtypes),
+                   "extra_tensors": sorted(extras)}, f, indent=2)
+
+
+def read_orbax(directory: str, config: ChameleonConfig, shardings: Mapping | None = None, dtype=None) -> dict:
+    """Restore params from the Orbax layout, each array straight into its sharding.
+
+    ``shardings``: flat {param path: jax.sharding.Sharding}; default: the first device. No host
+    ever holds the full model: Orbax reads each device's slice.
+    """
+    marker = os.path.join(directory, MARKER)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ChameleonError(f"{marker}: unreadable ({e})") from None
+    if meta.get("format") != ORBAX_FORMAT:
+        raise ChameleonError(f"{marker}: format {meta.get('format')!r}, expected {ORBAX_FORMAT!r}")
+    expected = expected_params(config)
+    stored_dtype = np.dtype(meta["dtypes"][0]) if meta.get("dtypes") else np.dtype(np.float32)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    groups: dict[str, dict] = {}
+    for path, sds in expected.items():
+        sharding = shardings[path] if shardings is not None else default
+        groups.setdefault(path.split("/")[0], {})[path] = jax.ShapeDtypeStruct(sds.shape, stored_dtype, sharding=sharding)
+    missing = sorted(set(groups) - set(meta.get("groups", [])))
+    if missing:
+        raise ChameleonError(f"{directory}: converted checkpoint lacks param group(s) {missing}")
+    ckpt = _checkpointer()
+    flat = {}
+    for group, abstract in groups.items():
+        target = traverse_util.unflatten_dict(abstract, sep="/")
+        gdir = os.path.join(directory, "params", group)
+        try:
+            restored = ckpt.restore(gdir, target)
+        except Exception as e:  # Orbax raises many types; name the group dir
+            raise ChameleonError(f"{gdir}: cannot restore ({type(e).__name__}: {e})") from None
+        for path, x in traverse_util.flatten_dict(restored, sep="/").items():
+            flat[path] = x.astype(dtype) if dtype is not None and x.dtype != np.dtype(dtype) else x
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def read_extra_tensors(directory: str) -> dict[str, np.ndarray]:
+    path = os.path.join(directory, "extra_tensors.safetensors")
+    if not os.path.isfile(path):
+        return {}
+    f = SafetensorsFile(path)
+    return {k: f.get(k) for k in f.keys()}

@@ -60,6 +60,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    kind, notes = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
+                          model_size=args.model_size)
+    print(f"converted {kind} checkpoint {args.src} -> {args.dst}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .convert import export
+
+    export(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"exported {args.src} -> {args.dst} (HF safetensors)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chameleon-jax", description="Meta's Chameleon in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -72,6 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
     d.add_argument("--top", type=int, default=5, help="how many top next tokens to print (default 5)")
     d.set_defaults(func=_cmd_demo)
+    c = sub.add_parser(
+        "convert",
+        help="HF directory or Meta's original release -> Orbax checkpoint directory",
+        description="Convert SRC (an HF Chameleon directory with config.json + *.safetensors, or Meta's original "
+        "release: models/<size>/params.json + consolidated*.pth and tokenizer/) into DST: an Orbax checkpoint plus "
+        "config.json and the tokenizer files, loadable by chameleon_jax.load(DST) (also onto a mesh). Streams "
+        "tensor by tensor; writes into a temp dir beside DST and renames at the end, so a failure leaves no DST.",
+    )
+    c.add_argument("src", help="source directory (HF layout or Meta release root / models/<size> dir)")
+    c.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
+    c.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="cast params to this dtype (default: keep the source's dtype)")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically, at the end)")
+    c.add_argument("--model-size", default=None,
+                   help="Meta release root holding several models/*: which one to convert (e.g. 7b, 30b)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_convert)
+    e = sub.add_parser(
+        "export",
+        help="Orbax checkpoint directory (from convert) -> HF safetensors directory",
+        description="Export a converted (Orbax) checkpoint SRC to an HF directory DST that transformers loads: "
+        "safetensors shards (+ index), config.json and the tokenizer files. Params keep their dtype.",
+    )
+    e.add_argument("src", help="a directory written by `chameleon-jax convert`")
+    e.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically, at the end)")
+    e.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard in GiB (default 5)")
+    e.set_defaults(func=_cmd_export)
     return p
 
 

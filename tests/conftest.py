@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# 8 simulated devices for the sharding tests; single-device tests use device 0 as usual.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 
 import numpy as np
 import pytest

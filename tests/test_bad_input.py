@@ -12,7 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 import chameleon_jax as cj
 from chameleon_jax import ChameleonError
-from chameleon_jax.checkpoint import SafetensorsFile, save_hf
+from chameleon_jax.checkpoint import save_hf
+from chameleon_jax.safetensors_io import SafetensorsFile
 from chameleon_jax.demo import build_tiny_checkpoint
 from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
 

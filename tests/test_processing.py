@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -41,13 +40,18 @@ def make_image(kind: str, seed: int = 0) -> Image.Image:
     sizes = {"1x1": (1, 1), "4000x10": (4000, 10), "10x4000": (10, 4000), "32x32": (32, 32)}
     w, h = sizes.get(kind, (47, 29))
     rgba = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
-    mode = {"1x1": "RGB", "4000x10": "RGBA", "10x4000": "RGB", "32x32": "RGB", "P+transparency": "P"}.get(kind, kind)
+    modes = {"1x1": "RGB", "4000x10": "RGBA", "10x4000": "RGB", "32x32": "RGB", "P+transparency": "P"}
+    mode = modes.get(kind, kind)
     if mode == "RGBA":
         return rgba
     img = rgba.convert("RGB").convert(mode) if mode != "RGB" else rgba.convert("RGB")
     if kind == "P+transparency":
         img.info["transparency"] = int(np.asarray(img)[0, 0])
     return img
+
+
+def both_from(path):
+    return ChameleonProcessor.from_pretrained(path), transformers.ChameleonProcessor.from_pretrained(path)
 
 
 def call_both(procs, text, images=None, **kw):
@@ -104,7 +108,8 @@ def test_nested_image_lists_are_flattened_in_order(procs):
     assert not np.array_equal(a["pixel_values"][0], a["pixel_values"][1])
 
 
-@pytest.mark.parametrize("text", ["Hello world", ["Hello world", "What is the color of a dog?", ""], "Ünïcödé ✓ 猫"])
+@pytest.mark.parametrize(
+    "text", ["Hello world", ["Hello world", "What is the color of a dog?", ""], "Ünïcödé ✓ 猫"])
 def test_text_only_matches_transformers(procs, text):
     a, b = call_both(procs, text)
     assert_same(a, b)
@@ -121,7 +126,7 @@ def test_text_completion_mode_matches(procs, completion):
 
 def test_default_settings_1024_tokens_and_512_pixels(tmp_path):
     build_test_tokenizer(tmp_path)
-    procs = ChameleonProcessor.from_pretrained(tmp_path), transformers.ChameleonProcessor.from_pretrained(tmp_path)
+    procs = both_from(tmp_path)
     assert procs[0].image_seq_length == 1024
     a, b = call_both(procs, ["What is this?<image>", "and<image>"], [make_image("RGB"), make_image("RGBA")])
     assert_same(a, b)
@@ -133,7 +138,7 @@ def test_default_settings_1024_tokens_and_512_pixels(tmp_path):
 
 def test_no_bos_post_processor_matches_transformers(tmp_path):
     build_test_tokenizer(tmp_path, image_seq_length=SEQ, image_size=SIZE, add_bos_token=False)
-    procs = ChameleonProcessor.from_pretrained(tmp_path), transformers.ChameleonProcessor.from_pretrained(tmp_path)
+    procs = both_from(tmp_path)
     a, b = call_both(procs, ["the image<image>"], [make_image("RGB")])
     assert_same(a, b)
     assert a["input_ids"][0, 0] != procs[0].bos_token_id
@@ -156,7 +161,8 @@ def test_file_paths_match_transformers_including_exif(procs, tmp_path):
 
 def test_numpy_image_equals_pil(procs):
     img = make_image("RGB", 9)
-    np.testing.assert_array_equal(procs[0].preprocess_images(np.asarray(img)), procs[0].preprocess_images(img))
+    ours = procs[0]
+    np.testing.assert_array_equal(ours.preprocess_images(np.asarray(img)), ours.preprocess_images(img))
 
 
 def test_meta_normalization_option(small_dir):
@@ -231,7 +237,7 @@ def test_meta_layout_matches_transformers_converter(tmp_path, where):
     assert ours.image_token_id == raw["model"]["vocab"][cv.META_IMAGE_TOKEN] == meta_vm[cv.IMAGE_TOKEN]
     assert ours.tokenizer.token_to_id(cv.META_IMAGE_TOKEN) is None
 
-    # transformers' converter: rename the token in the JSON, LlamaTokenizerFast (adds <s>), pad <pad>, sep 8706
+    # transformers' converter: rename the token in the JSON; LlamaTokenizerFast (adds <s>); pad, sep set
     raw["model"]["vocab"][cv.IMAGE_TOKEN] = raw["model"]["vocab"].pop(cv.META_IMAGE_TOKEN)
     for tok in raw["added_tokens"]:
         if tok["content"] == cv.META_IMAGE_TOKEN:
@@ -307,8 +313,9 @@ def test_placeholder_image_count_mismatch(procs, text, n_images, needle):
 def test_not_an_image(procs, tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not a picture")
-    for item, needle in [(bad, "notes.txt"), (str(tmp_path / "missing.png"), "missing.png"), (42, "images[1] (int)"),
-                         (np.zeros((4, 4), np.float32), "images[1] (ndarray)")]:
+    cases = [(bad, "notes.txt"), (str(tmp_path / "missing.png"), "missing.png"), (42, "images[1] (int)"),
+             (np.zeros((4, 4), np.float32), "images[1] (ndarray)")]
+    for item, needle in cases:
         with pytest.raises(ChameleonError, match="images\\[1\\]") as e:
             procs[0]("<image><image>", [make_image("RGB"), item])
         assert needle in str(e.value)
@@ -368,7 +375,7 @@ def test_missing_or_broken_tokenizer(tmp_path):
 
 def test_other_bad_arguments(procs):
     ours = procs[0]
-    with pytest.raises(ChameleonError, match="text must be"):
+    with pytest.raises(ChameleonError, match="text must be a str"):
         ours(text=123)
     with pytest.raises(ChameleonError, match="different lengths"):
         ours(["a", "the cat is here"], padding=False)
@@ -376,6 +383,8 @@ def test_other_bad_arguments(procs):
         ours("a", padding_side="middle")
     with pytest.raises(ChameleonError, match="1-D"):
         ours.decode([[1, 2]])
+    with pytest.raises(ChameleonError, match=">= 0"):
+        ours.batch_decode(np.array([[5, -1]]))
     assert ours(["the cat", "the dog"], padding=False)["input_ids"].shape == (2, 4)  # <s> the Ġcat sep
     assert set(ours(images=make_image("RGB"))) == {"pixel_values"}
 
@@ -387,7 +396,20 @@ def test_named_special_tokens_become_added_tokens_like_transformers(tmp_path):
     raw = json.loads((tmp_path / "tokenizer.json").read_text())
     raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != cv.SEP_TOKEN]
     (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
-    procs = ChameleonProcessor.from_pretrained(tmp_path), transformers.ChameleonProcessor.from_pretrained(tmp_path)
+    procs = both_from(tmp_path)
     a, b = call_both(procs, ["the<image>", "a dog"], [make_image("RGB")])
     assert_same(a, b)
     assert a["input_ids"][0, -1] == procs[0].sep_token_id
+
+
+def test_same_lazy_image_twice_and_lazy_truncated_image(procs, tmp_path):
+    p = tmp_path / "lazy.png"
+    make_image("RGBA", 4).resize((120, 90)).save(p)
+    lazy = Image.open(p)
+    pix = procs[0]("<image><image>", [lazy, lazy])["pixel_values"]
+    np.testing.assert_array_equal(pix[0], pix[1])
+    np.testing.assert_allclose(pix, procs[1].image_processor([Image.open(p)] * 2, return_tensors="np")
+                               ["pixel_values"], atol=1e-6)
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(ChameleonError, match=r"images\[0\] \(PIL RGBA image 120x90\) cannot be decoded"):
+        procs[0].preprocess_images(Image.open(p))

@@ -78,7 +78,7 @@ def build_tokenizer_object(
             names.append(a + b)
     if vocab_size is not None:
         if vocab_size < len(names):
-            raise ValueError(f"vocab_size={vocab_size} is below the {len(names)} entries this tokenizer needs")
+            raise ValueError(f"vocab_size={vocab_size} is below the {len(names)} entries needed")
         names += [f"<filler{i}>" for i in range(vocab_size - len(names))]
     vocab = {name: i for i, name in enumerate(names)}
     if len(vocab) != len(names):
@@ -154,7 +154,7 @@ def build_test_tokenizer(
             single=" ".join(bos + ["$A:0"] + eos),
             pair=" ".join(bos + ["$A:0"] + eos + [b.replace(":0", ":1") for b in bos] + ["$B:1"]
                           + [e.replace(":0", ":1") for e in eos]),
-            special_tokens=[(t, vocabulary_map[t]) for t, on in ((BOS, add_bos_token), (EOS, add_eos_token)) if on],
+            special_tokens=[(t, vocabulary_map[t]) for t in [BOS] * add_bos_token + [EOS] * add_eos_token],
         )
     tok.save(str(directory / "tokenizer.json"))
     special = {
@@ -180,7 +180,11 @@ def build_test_tokenizer(
     _write_json(directory / "special_tokens_map.json", special)
     _write_json(
         directory / "processor_config.json",
-        {"image_seq_length": image_seq_length, "image_token": cv.IMAGE_TOKEN, "processor_class": "ChameleonProcessor"},
+        {
+            "image_seq_length": image_seq_length,
+            "image_token": cv.IMAGE_TOKEN,
+            "processor_class": "ChameleonProcessor",
+        },
     )
     _write_json(
         directory / "preprocessor_config.json",

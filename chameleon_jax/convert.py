@@ -1,0 +1,117 @@
+"""``chameleon-jax convert`` / ``export``: HF or Meta release -> Orbax directory, and back to HF.
+
+Streaming: tensors are read one at a time (mmap), converted, and written one param group (a
+layer, the embeddings, ...) at a time, so peak memory is about one group, never the model.
+Atomic: everything is written into a temp dir beside DST and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from . import checkpoint as ck
+from .config import ChameleonConfig
+from .errors import ChameleonError
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", None: None}
+
+
+def _progress_printer(stream=sys.stderr) -> Callable[[str, int, int], None]:
+    start = time.perf_counter()
+
+    def show(label: str, done: int, total: int):
+        width = 30
+        filled = int(width * done / max(total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        end = "\n" if done >= total else ""
+        stream.write(f"\r[{bar}] {done}/{total} groups  {time.perf_counter() - start:6.1f}s  {label:<14s}{end}")
+        stream.flush()
+
+    return show
+
+
+def open_source(src: str, model_size: str | None = None):
+    """(kind, config, tensor source, tokenizer writer) for an HF directory or a Meta release."""
+    src = os.fspath(src)
+    if not os.path.exists(src):
+        raise ChameleonError(f"{src}: no such file or directory")
+    if ck.is_orbax_dir(src):
+        raise ChameleonError(f"{src}: already a converted (Orbax) checkpoint; use `chameleon-jax export` to go to HF")
+    if os.path.isfile(os.path.join(src, "config.json")):
+        config = ChameleonConfig.from_json_file(os.path.join(src, "config.json"))
+        source = ck.HFSource(src)
+
+        def write_tokenizer(dst: str):
+            for name in ck.TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(src, name)):
+                    shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+        return "hf", config, source, write_tokenizer
+    from . import meta_format
+
+    if meta_format.is_meta_release(src):
+        release = meta_format.MetaRelease(src, model=model_size)
+
+        def write_tokenizer(dst: str):
+            from .processing import ChameleonProcessor
+
+            ChameleonProcessor.from_pretrained(release.tokenizer_path).save_pretrained(dst)
+
+        return "meta", release.config, release, write_tokenizer
+    raise ChameleonError(
+        f"{src}: neither an HF Chameleon directory (config.json + *.safetensors) nor Meta's original "
+        "release (models/<size>/params.json + consolidated*.pth, tokenizer/)"
+    )
+
+
+def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, progress: bool = True,
+            model_size: str | None = None) -> tuple[str, list[str]]:
+    """Convert ``src`` (HF dir or Meta release) into an Orbax directory ``dst``.
+
+    ``dtype``: cast params ("bfloat16", "float32"); None keeps the source's dtype.
+    ``model_size``: which of ``models/*`` of a Meta release root holding several ("7b", "30b").
+    Returns (source kind, notes), the notes saying what the conversion decided (e.g. Meta's
+    per-shard norm copies averaged, no vqgan.ckpt so no image tokenizer).
+    """
+    if dtype not in _DTYPES:
+        raise ChameleonError(f"dtype: {dtype!r} is not supported; expected bfloat16, float32 or float16")
+    kind, config, source, write_tokenizer = open_source(src, model_size)
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    ck.plan_params(source, config)  # fail on bad input before creating anything
+    extra = source.extra_tensors() if hasattr(source, "extra_tensors") else ()
+    with ck.atomic_dir(dst, overwrite) as tmp:
+        ck.write_orbax(tmp, config, source, dtype, extra, _progress_printer() if progress else None)
+        write_tokenizer(tmp)
+    notes = list(getattr(source, "notes", []))
+    if config.vq_config is None:
+        notes.append("the result has no VQ-VAE: it cannot take images")
+    return kind, notes
+
+
+def export(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Orbax directory (from ``convert``) -> HF safetensors directory transformers loads.
+
+    Params keep their stored dtype. Tensors our model does not use (Meta's VQ-GAN decoder) have
+    no place in the HF layout and are not exported.
+    """
+    src = os.fspath(src)
+    if not ck.is_orbax_dir(src):
+        raise ChameleonError(f"{src}: not a converted checkpoint (no {ck.MARKER}); expected `chameleon-jax convert` output")
+    config = ChameleonConfig.from_json_file(os.path.join(src, "config.json"))
+    params = ck.read_orbax(src, config)
+    extra = [os.path.join(src, n) for n in ck.TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    config = config.replace(dtype=str(np.dtype(next(iter(_leaves(params))).dtype)))
+    ck.save_hf(params, config, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra_files=extra)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)

@@ -1,0 +1,599 @@
+"""Meta's original Chameleon release as a *tensor source* (HF names, HF layout).
+
+``MetaRelease(path)`` reads Meta's files lazily and serves every tensor under its Hugging Face
+name, in the layout ``transformers.ChameleonForConditionalGeneration`` holds, so
+``checkpoint.read_params(release, release.config)`` converts it like an HF directory.
+
+Accepted ``path`` forms (see :func:`resolve_release`):
+  * the release root, holding ``models/<size>/`` and ``tokenizer/``; when ``models/`` holds
+    several sizes, ``model="7b"`` picks one;
+  * a model directory (``models/7b``: ``params.json`` + ``consolidated.pth`` or
+    ``consolidated.NN.pth``); the tokenizer directory is looked up as ``tokenizer/`` beside it,
+    one level up or two levels up (the release layout), or given as ``tokenizer_dir``.
+
+What is done to Meta's tensors (checked against transformers' ``convert_chameleon_weights_to_hf.py``
+and Meta's ``chameleon/inference/{transformer,loader,vqgan}.py``):
+  * names: ``tok_embeddings``, ``layers.N.attention.{wq,wk,wv,wo}``, ``feed_forward.{w1,w3,w2}``,
+    ``attention_norm``, ``ffn_norm``, ``attention.{q,k}_normalization``, ``norm``, ``output``;
+    ``rope.freqs`` is ignored; fused ``wqkv`` (rows q | k | v of the shard) and ``w13`` (w1 | w3)
+    are split;
+  * wq, wk and the q/k norm params are stored for interleaved RoPE; they are permuted to
+    rotate_half order per head (``[h, Dh/2, 2] -> [h, 2, Dh/2]``);
+  * model-parallel shards (``consolidated.00..NN.pth``): embeddings, wo and w2 are split on
+    dim 1, the other projections (and ``output``) on dim 0; attention_norm/ffn_norm/norm are
+    copies (averaged, as transformers does; differing copies are reported in ``notes``); each
+    shard holds one q/k LayerNorm shared by its heads, repeated here to ``[heads, head_dim]``;
+  * ``tokenizer/vqgan.ckpt``'s ``state_dict``: ``encoder.*``, ``quant_conv.*``,
+    ``quantize.embedding.weight``, ``post_quant_conv.*`` -> ``model.vqmodel.<same>``;
+    ``decoder.*`` -> :meth:`MetaRelease.extra_tensors` as ``vqgan.decoder.*``.
+
+Missing ``tokenizer/vqgan.ckpt``: the text model still converts; ``config.vq_config`` is None and
+``notes`` says so (``require_vqgan=True`` makes it an error). Every ``.pth``/``.ckpt`` is read
+only with ``torch.load(..., weights_only=True, mmap=True)``: pickles holding code are refused,
+tensors stay memory-mapped and :meth:`MetaRelease.get` materializes one HF tensor at a time.
+torch is the optional ``convert`` extra and is imported only here, inside functions.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from .config import ChameleonConfig, VQConfig
+from .errors import ChameleonError
+from .vocab import IMAGE_TOKEN, META_IMAGE_TOKEN
+
+INSTALL_HINT = "pip install 'chameleon-jax[convert]'"
+_SINGLE = "consolidated.pth"
+_NUMBERED = re.compile(r"consolidated\.(\d{2})\.pth")
+# HF converter's rule: the long-context variant (theta > 1e4) was trained with 16k positions.
+_LONG_ROPE_POSITIONS, _POSITIONS = 16384, 4096
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ChameleonError(f"reading Meta's .pth/.ckpt files needs PyTorch: {INSTALL_HINT}") from None
+    return torch
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def load_torch_file(path: str) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, memory-mapped.
+
+    Every failure is a ChameleonError naming ``path``: missing, truncated or corrupt files, the
+    legacy (pre-zip) format, which cannot be memory-mapped, and pickles that hold code, which
+    ``weights_only=True`` refuses without running anything.
+    """
+    torch = _torch()
+    if not os.path.isfile(path):
+        raise ChameleonError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):
+        raise ChameleonError(
+            f"{path}: not a PyTorch zip checkpoint (truncated or corrupt, or saved in the legacy "
+            "pre-1.6 format, which cannot be memory-mapped: re-save it with a current torch)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ChameleonError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain "
+            f"containers (torch.load weights_only=True rejected it: {_first_line(e)}). It may be "
+            "malicious, or it is not a Chameleon checkpoint."
+        ) from None
+    except Exception as e:  # torch raises RuntimeError/EOFError/OSError/... for damaged archives
+        raise ChameleonError(f"{path}: cannot read this PyTorch file (truncated or corrupt?): {_first_line(e)}") from None
+
+
+def _state_dict(obj: Any, path: str, what: str) -> dict:
+    """Check that ``obj`` is {str: Tensor}; return it."""
+    torch = _torch()
+    if not isinstance(obj, dict):
+        raise ChameleonError(f"{path}: expected {what} (a dict of tensors), got {type(obj).__name__}")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ChameleonError(f"{path}: entry {k!r} of {what} is a {type(v).__name__}, expected a tensor")
+    return obj
+
+
+def to_numpy(t) -> np.ndarray:
+    """torch tensor -> numpy, sharing memory where possible; bf16 becomes ml_dtypes.bfloat16."""
+    torch = _torch()
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if t.dtype in (torch.float32, torch.float16, torch.float64):
+        return t.numpy()
+    raise ChameleonError(f"tensor dtype {t.dtype} is not a floating-point weight dtype")
+
+
+def _np_dtype(t) -> np.dtype:
+    """numpy dtype :func:`to_numpy` gives ``t``, without reading its data."""
+    return to_numpy(t.detach().reshape(-1)[:0]).dtype
+
+
+def _interleaved_to_half(w: np.ndarray, head_dim: int) -> np.ndarray:
+    """Rows [h*Dh, ...] (or a [Dh] vector) from interleaved-pair to rotate_half order, per head."""
+    n = w.shape[0] // head_dim
+    return w.reshape(n, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise ChameleonError(f"{path}: {what} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChameleonError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ChameleonError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+# ------------------------------------------------------------------ locating the files
+def _shard_files(model_dir: str) -> list[str]:
+    if os.path.isfile(os.path.join(model_dir, _SINGLE)):
+        return [os.path.join(model_dir, _SINGLE)]
+    found = {}
+    for p in glob.glob(os.path.join(model_dir, "consolidated.*.pth")):
+        m = _NUMBERED.fullmatch(os.path.basename(p))
+        if m:
+            found[int(m.group(1))] = p
+    if not found:
+        return []
+    for i in range(max(found) + 1):
+        if i not in found:
+            raise ChameleonError(f"{os.path.join(model_dir, f'consolidated.{i:02d}.pth')}: shard file missing "
+                                 f"(found {sorted(os.path.basename(p) for p in found.values())})")
+    return [found[i] for i in sorted(found)]
+
+
+def _is_model_dir(d: str) -> bool:
+    if glob.glob(os.path.join(d, "consolidated*.pth")):
+        return True
+    # params.json without config.json: an HF directory holds config.json instead.
+    return os.path.isfile(os.path.join(d, "params.json")) and not os.path.isfile(os.path.join(d, "config.json"))
+
+
+def is_meta_release(path) -> bool:
+    """True for a release root (``models/`` and ``tokenizer/`` dirs) or a model dir
+    (``consolidated*.pth``, or ``params.json`` without an HF ``config.json``)."""
+    p = os.fspath(path)
+    if not os.path.isdir(p):
+        return False
+    if _is_model_dir(p):
+        return True
+    return os.path.isdir(os.path.join(p, "models")) and os.path.isdir(os.path.join(p, "tokenizer"))
+
+
+def resolve_release(path, model: str | None = None, tokenizer_dir=None) -> tuple[str, str]:
+    """(model dir, tokenizer dir) for a release root or model dir; see the module docstring."""
+    p = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(p):
+        raise ChameleonError(f"{p}: no such directory (expected Meta's Chameleon release)")
+    if _is_model_dir(p):
+        model_dir = p
+        candidates = [os.path.join(p, "tokenizer"), os.path.join(os.path.dirname(p), "tokenizer"),
+                      os.path.join(os.path.dirname(os.path.dirname(p)), "tokenizer")]
+        tok = next((c for c in candidates if os.path.isfile(os.path.join(c, "text_tokenizer.json"))), candidates[-1])
+    elif os.path.isdir(os.path.join(p, "models")):
+        models = os.path.join(p, "models")
+        sizes = sorted(n for n in os.listdir(models) if _is_model_dir(os.path.join(models, n)))
+        if model is not None:
+            match = [n for n in sizes if n.lower() == str(model).lower()]
+            if not match:
+                raise ChameleonError(f"{models}: no model {model!r} here (found {sizes})")
+            model_dir = os.path.join(models, match[0])
+        elif len(sizes) == 1:
+            model_dir = os.path.join(models, sizes[0])
+        elif not sizes:
+            raise ChameleonError(f"{models}: no model directory (params.json + consolidated*.pth) inside")
+        else:
+            raise ChameleonError(f"{models}: holds several models {sizes}; choose one (model=...)")
+        tok = os.path.join(p, "tokenizer")
+    else:
+        raise ChameleonError(
+            f"{p}: not a Meta Chameleon release: expected models/ and tokenizer/, or a model directory "
+            "with params.json and consolidated*.pth"
+        )
+    return model_dir, os.path.abspath(os.fspath(tokenizer_dir)) if tokenizer_dir is not None else tok
+
+
+# ------------------------------------------------------------------ config pieces
+def intermediate_size(dim: int, ffn_dim_multiplier: float | None, multiple_of: int) -> int:
+    """Meta's FeedForward width: int(8*dim/3), times the multiplier, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def read_text_tokenizer(path: str) -> tuple[dict[str, int], dict[str, int | None]]:
+    """(vocabulary map with ``<reserved08707>`` renamed ``<image>``, {bos,eos,pad}_token_id)."""
+    d = _read_json(path, "text tokenizer (text_tokenizer.json)")
+    vocab = (d.get("model") or {}).get("vocab") if isinstance(d.get("model"), dict) else None
+    if not isinstance(vocab, dict) or not vocab:
+        raise ChameleonError(f"{path}: no model.vocab object (expected a Hugging Face tokenizers JSON)")
+    vm = {str(k): int(v) for k, v in vocab.items()}
+    if META_IMAGE_TOKEN in vm and IMAGE_TOKEN not in vm:
+        vm[IMAGE_TOKEN] = vm.pop(META_IMAGE_TOKEN)
+    added = {t.get("content"): t.get("id") for t in d.get("added_tokens") or [] if isinstance(t, dict)}
+    ids = {}
+    for field_name, token in (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<pad>")):
+        v = added.get(token, vm.get(token))
+        ids[field_name] = int(v) if v is not None else None
+    return vm, ids
+
+
+def read_vqgan_yaml(path: str) -> VQConfig:
+    """VQConfig from taming's ``model.params.{ddconfig, n_embed, embed_dim}``."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ChameleonError(f"{path}: VQ-GAN config (vqgan.yaml) not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+        params = doc["model"]["params"]
+        dd = params["ddconfig"]
+        if dd.get("use_linear_attn"):
+            raise ChameleonError(f"{path}: ddconfig.use_linear_attn is not supported")
+        kw = dict(
+            embed_dim=int(params["embed_dim"]),
+            num_embeddings=int(params["n_embed"]),
+            double_latent=bool(dd.get("double_z", True)),  # taming's Encoder default
+            latent_channels=int(dd["z_channels"]),
+            resolution=int(dd["resolution"]),
+            in_channels=int(dd["in_channels"]),
+            base_channels=int(dd["ch"]),
+            channel_multiplier=[int(c) for c in dd.get("ch_mult", (1, 2, 4, 8))],
+            num_res_blocks=int(dd["num_res_blocks"]),
+            attn_resolutions=[int(r) for r in dd.get("attn_resolutions") or ()],
+            dropout=float(dd.get("dropout", 0.0)),
+            attn_type=str(dd.get("attn_type", "vanilla")),
+        )
+    except ChameleonError:
+        raise
+    except yaml.YAMLError as e:
+        raise ChameleonError(f"{path}: not valid YAML ({_first_line(e)})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ChameleonError(
+            f"{path}: expected model.params.{{embed_dim, n_embed, ddconfig.{{z_channels, resolution, "
+            f"in_channels, ch, ch_mult, num_res_blocks, attn_resolutions}}}} ({type(e).__name__}: {e})"
+        ) from None
+    return VQConfig.from_dict(kw, source=path)
+
+
+# ------------------------------------------------------------------ the tensor source
+@dataclass(frozen=True)
+class _Entry:
+    """How one HF tensor is assembled: pieces (file index, raw key, row range) combined by kind."""
+
+    kind: str  # cat0 | cat1 | mean | qknorm
+    pieces: tuple[tuple[int, str, tuple[int, int] | None], ...]
+    shape: tuple[int, ...]
+    rope: bool = False  # permute rows from interleaved to rotate_half
+    repeat: int = 1  # qknorm: heads per shard
+
+
+_TOP = {"tok_embeddings.weight", "output.weight", "norm.weight", "rope.freqs"}
+_LAYER_KEY = re.compile(
+    r"layers\.(\d+)\.(attention\.(?:wq|wk|wv|wo|wqkv)\.weight|feed_forward\.(?:w1|w2|w3|w13)\.weight|"
+    r"attention_norm\.weight|ffn_norm\.weight|attention\.[qk]_normalization\.(?:weight|bias))"
+)
+_VQ_MODEL_PREFIXES = ("encoder.", "quant_conv.", "post_quant_conv.")
+
+
+class MetaRelease:
+    """Meta's release as a tensor source: ``keys() / shape(n) / dtype(n) / get(n) / where(n)``
+    under HF names, plus ``config``, ``extra_tensors()``, ``tokenizer_path`` and ``notes``.
+
+    Args:
+      path: release root or model dir (module docstring).
+      model: which ``models/<name>`` when the root holds several (case-insensitive, "7b"/"30b").
+      tokenizer_dir: where text_tokenizer.json / vqgan.{ckpt,yaml} are, if not found by layout.
+      require_vqgan: make a missing ``vqgan.ckpt`` an error instead of a text-only conversion.
+    """
+
+    def __init__(self, path, model: str | None = None, tokenizer_dir=None, require_vqgan: bool = False):
+        self.model_dir, self.tokenizer_dir = resolve_release(path, model, tokenizer_dir)
+        self.directory = self.model_dir  # read_params names it in "missing tensor" messages
+        self._notes: list[str] = []
+        self._norm_diffs: dict[str, float] = {}
+        self._vq: dict = {}
+        self.params_path = os.path.join(self.model_dir, "params.json")
+        params = _read_json(self.params_path, "model parameters (params.json)")
+        consolidate = os.path.join(self.model_dir, "consolidate_params.json")
+        extra = _read_json(consolidate, "consolidate_params.json") if os.path.isfile(consolidate) else {}
+        model_args = params.get("model") if isinstance(params.get("model"), dict) else {}
+        self.params = {**params, **model_args, **extra}  # Meta's loader merges them this way
+        self.tokenizer_path = os.path.join(self.tokenizer_dir, "text_tokenizer.json")
+        vocabulary_map, special_ids = read_text_tokenizer(self.tokenizer_path)
+        self.vqgan_ckpt_path = os.path.join(self.tokenizer_dir, "vqgan.ckpt")
+        self.vqgan_yaml_path = os.path.join(self.tokenizer_dir, "vqgan.yaml")
+        have_vq = os.path.isfile(self.vqgan_ckpt_path)
+        if not have_vq and require_vqgan:
+            raise ChameleonError(f"{self.vqgan_ckpt_path}: VQ-GAN image tokenizer checkpoint not found")
+        vq_config = read_vqgan_yaml(self.vqgan_yaml_path) if have_vq else None
+        if not have_vq:
+            self._notes.append(f"{self.vqgan_ckpt_path} not found: converting the text model only "
+                               "(vq_config is None; the result cannot read or write images)")
+
+        self._paths = _shard_files(self.model_dir)
+        if not self._paths:
+            raise ChameleonError(f"{self.model_dir}: no consolidated.pth or consolidated.NN.pth found")
+        self._files = [_state_dict(load_torch_file(p), p, "a model state dict") for p in self._paths]
+        self._check_shard_keys()
+        config = self._build_config(vocabulary_map, special_ids, vq_config)
+        self._plan: dict[str, _Entry] = {}
+        self._plan_decoder(config)
+        self._decoder_keys: list[str] = []
+        if have_vq:
+            self._plan_vqgan()
+        self.config = config
+
+    # ----------------------------------------------------------------- tensor source
+    def keys(self) -> list[str]:
+        return list(self._plan)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._plan[name].shape
+
+    def dtype(self, name: str) -> np.dtype:
+        i, key, _ = self._plan[name].pieces[0]
+        return _np_dtype(self._files[i][key] if i < len(self._paths) else self._vq[key])
+
+    def where(self, name: str) -> str:
+        files = sorted({self._path(i) for i, _, _ in self._plan[name].pieces})
+        return files[0] if len(files) == 1 else self.where_raw()
+
+    def get(self, name: str) -> np.ndarray:
+        """One HF tensor [HF shape], in the checkpoint's dtype (bf16 as ml_dtypes.bfloat16)."""
+        e = self._plan[name]
+        parts = [self._raw(i, key, rows) for i, key, rows in e.pieces]
+        if e.kind == "qknorm":
+            hd = parts[0].shape[0]
+            out = np.concatenate([np.broadcast_to(_interleaved_to_half(p, hd), (e.repeat, hd)) for p in parts])
+        elif e.kind == "mean":
+            out = parts[0]
+            if any(not np.array_equal(p, out) for p in parts[1:]):
+                stacked = np.stack([p.astype(np.float32) for p in parts])
+                self._norm_diffs[name] = float(np.abs(stacked - stacked.mean(0)).max())
+                out = stacked.mean(0).astype(out.dtype)
+        elif len(parts) == 1:
+            out = parts[0]
+        else:
+            out = np.concatenate(parts, axis=0 if e.kind == "cat0" else 1)
+        if e.rope:
+            out = _interleaved_to_half(out, self.config.head_dim)
+        if out.shape != e.shape:  # the plan's shapes are what read_params validated
+            raise ChameleonError(f"{self.where(name)}: tensor {name!r} assembled to {list(out.shape)}, expected {list(e.shape)}")
+        return out
+
+    def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The VQ-GAN tensors the model does not use: (``vqgan.decoder.*``, array), one at a time."""
+        for key in self._decoder_keys:
+            yield "vqgan." + key, to_numpy(self._vq[key])
+
+    @property
+    def notes(self) -> list[str]:
+        """Things the user should know about this conversion (text-only, averaged norms, ...)."""
+        out = list(self._notes)
+        if self._norm_diffs:
+            worst = max(self._norm_diffs, key=self._norm_diffs.get)
+            out.append(f"{len(self._norm_diffs)} norm weight(s) differ across the model-parallel shards and were "
+                       f"averaged (largest deviation {self._norm_diffs[worst]:.3g} in {worst})")
+        return out
+
+    def close(self) -> None:
+        """Drop the memory-mapped files."""
+        self._files = []
+        self._vq = {}
+
+    # ----------------------------------------------------------------- internals
+    def _path(self, i: int) -> str:
+        return self._paths[i] if i < len(self._paths) else self.vqgan_ckpt_path
+
+    def _raw(self, i: int, key: str, rows) -> np.ndarray:
+        t = self._files[i][key] if i < len(self._paths) else self._vq[key]
+        return to_numpy(t if rows is None else t[rows[0]:rows[1]])
+
+    def where_raw(self) -> str:
+        """The model's .pth file(s), for messages."""
+        if len(self._paths) == 1:
+            return self._paths[0]
+        return os.path.join(self.model_dir, f"consolidated.{{00..{len(self._paths) - 1:02d}}}.pth")
+
+    def _raw_shape(self, i: int, key: str) -> tuple[int, ...]:
+        return tuple(self._files[i][key].shape)
+
+    def _check_shard_keys(self) -> None:
+        first = set(self._files[0])
+        for path, sd in zip(self._paths, self._files):
+            for k in sd:
+                if k not in _TOP and not _LAYER_KEY.fullmatch(k):
+                    raise ChameleonError(f"{path}: unexpected tensor {k!r} (not part of Meta's Chameleon transformer)")
+            if set(sd) != first:
+                diff = sorted(set(sd) ^ first)
+                raise ChameleonError(f"{path}: holds different tensors than {self._paths[0]} (e.g. {diff[:3]})")
+
+    def _require(self, key: str):
+        if key not in self._files[0]:
+            raise ChameleonError(f"{self._paths[0]}: missing tensor {key!r}")
+
+    def _param(self, name: str, default=None, required: bool = False):
+        v = self.params.get(name, default)
+        if required and v is None:
+            raise ChameleonError(f"{self.params_path}: missing field {name!r} (or 'model.{name}')")
+        return v
+
+    def _build_config(self, vocabulary_map, special_ids, vq_config) -> ChameleonConfig:
+        shards = len(self._paths)
+        try:
+            dim = int(self._param("dim", required=True))
+            n_layers = int(self._param("n_layers", required=True))
+            n_heads = int(self._param("n_heads", required=True))
+            n_kv = int(self._param("n_kv_heads") or n_heads)
+            mult = self._param("ffn_dim_multiplier")
+            mult = float(mult) if mult is not None else None
+            multiple_of = int(self._param("multiple_of", 256))
+            rope_theta = float(self._param("rope_theta", 10000.0))
+            norm_eps = float(self._param("norm_eps", 1e-5))
+            swin = bool(self._param("swin_norm", False))
+        except (TypeError, ValueError) as e:
+            raise ChameleonError(f"{self.params_path}: bad field value ({e})") from None
+        if self._param("qk_normalization") is False:
+            raise ChameleonError(f"{self.params_path}: qk_normalization is false; Chameleon (and this project) "
+                                 "requires the q/k LayerNorms")
+        mp = self._param("model_parallel_size")
+        if mp is not None and int(mp) != shards:
+            self._notes.append(f"{self.params_path}: model_parallel_size is {mp} but {shards} shard file(s) "
+                               "were found; the files' shapes decide")
+        self._require("tok_embeddings.weight")
+        width = sum(self._raw_shape(i, "tok_embeddings.weight")[1] for i in range(shards))
+        if width != dim:
+            raise ChameleonError(
+                f"{self.model_dir}: tok_embeddings widths sum to {width} over {shards} shard file(s), but "
+                f"{self.params_path} says dim={dim}: is a consolidated.NN.pth shard missing?"
+            )
+        if n_heads % shards or n_kv % shards:
+            raise ChameleonError(f"{self.model_dir}: {shards} shard files cannot split n_heads={n_heads} / "
+                                 f"n_kv_heads={n_kv} evenly")
+        ffn = intermediate_size(dim, mult, multiple_of)
+        if "layers.0.feed_forward.w2.weight" in self._files[0]:
+            held = sum(self._raw_shape(i, "layers.0.feed_forward.w2.weight")[1] for i in range(shards))
+            if held != ffn:
+                raise ChameleonError(
+                    f"{self.params_path}: dim={dim}, ffn_dim_multiplier={mult}, multiple_of={multiple_of} give "
+                    f"an FFN width of {ffn}, but layers.0.feed_forward.w2.weight in {self.where_raw()} holds {held}"
+                )
+        vocab_size = self._param("vocab_size")
+        if vocab_size is None or int(vocab_size) <= 0:
+            vocab_size = self._raw_shape(0, "tok_embeddings.weight")[0]
+        dtype = str(_np_dtype(self._files[0]["tok_embeddings.weight"]))
+        try:
+            return ChameleonConfig(
+                vocab_size=int(vocab_size),
+                hidden_size=dim,
+                intermediate_size=ffn,
+                num_hidden_layers=n_layers,
+                num_attention_heads=n_heads,
+                num_key_value_heads=n_kv,
+                max_position_embeddings=_LONG_ROPE_POSITIONS if rope_theta > 10000.0 else _POSITIONS,
+                rms_norm_eps=norm_eps,
+                rope_theta=rope_theta,
+                swin_norm=swin,
+                model_parallel_size=shards,
+                dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
+                vq_config=vq_config,
+                vocabulary_map=vocabulary_map,
+                **special_ids,
+            )
+        except ChameleonError as e:
+            raise ChameleonError(f"{self.params_path}: {e}") from None
+
+    def _plan_decoder(self, c: ChameleonConfig) -> None:
+        shards = range(len(self._paths))
+        hd = c.head_dim
+        hl, kvl = c.num_attention_heads // len(self._paths), c.num_key_value_heads // len(self._paths)
+        sd = self._files[0]
+        layers = {int(m.group(1)) for k in sd if (m := _LAYER_KEY.fullmatch(k))}
+        beyond = sorted(i for i in layers if i >= c.num_hidden_layers)
+        if beyond:
+            raise ChameleonError(f"{self._paths[0]}: holds layers.{beyond[0]}.*, but {self.params_path} says "
+                                 f"n_layers={c.num_hidden_layers}")
+
+        def add(name, kind, keys, rows=None, rope=False, repeat=1):
+            for k in keys if isinstance(keys, list) else [keys]:
+                self._require(k)
+            keys = keys if isinstance(keys, list) else [keys] * len(shards)
+            pieces = tuple((i, keys[i], rows) for i in shards)
+            shapes = [list(self._raw_shape(i, k)) for i, k, _ in pieces]
+            if rows is not None:
+                for s in shapes:
+                    s[0] = rows[1] - rows[0]
+            if kind == "qknorm":
+                if any(s != [hd] for s in shapes):
+                    raise ChameleonError(f"{self._paths[0]}: tensor {keys[0]!r} has shape {shapes[0]}, expected "
+                                         f"[{hd}] (one LayerNorm per model-parallel shard)")
+                shape = (len(shards) * repeat, hd)
+            elif kind == "mean":
+                if any(s != shapes[0] for s in shapes):
+                    raise ChameleonError(f"{self.model_dir}: tensor {keys[0]!r} differs in shape across shards {shapes}")
+                shape = tuple(shapes[0])
+            else:
+                ax = 0 if kind == "cat0" else 1
+                if any(len(s) != 2 or s[1 - ax] != shapes[0][1 - ax] for s in shapes):
+                    raise ChameleonError(f"{self.model_dir}: tensor {keys[0]!r} shapes {shapes} do not concatenate")
+                shape = tuple(sum(s[ax] for s in shapes) if d == ax else shapes[0][d] for d in range(2))
+            self._plan[name] = _Entry(kind, pieces, shape, rope, repeat)
+
+        add("model.embed_tokens.weight", "cat1", "tok_embeddings.weight")
+        add("model.norm.weight", "mean", "norm.weight")
+        add("lm_head.weight", "cat0", "output.weight")
+        for n in range(c.num_hidden_layers):
+            a, f, hf = f"layers.{n}.attention.", f"layers.{n}.feed_forward.", f"model.layers.{n}."
+            if a + "wqkv.weight" in sd:
+                rows = self._raw_shape(0, a + "wqkv.weight")[0]
+                if rows != (hl + 2 * kvl) * hd:
+                    raise ChameleonError(f"{self._paths[0]}: tensor {a}wqkv.weight has {rows} rows, expected "
+                                         f"(heads {hl} + 2 x kv heads {kvl}) x head_dim {hd} per shard")
+                bounds = np.cumsum([0, hl * hd, kvl * hd, kvl * hd])
+                for proj, lo, hi in zip("qkv", bounds[:-1], bounds[1:]):
+                    add(hf + f"self_attn.{proj}_proj.weight", "cat0", a + "wqkv.weight", (int(lo), int(hi)), proj != "v")
+            else:
+                for proj in "qkv":
+                    add(hf + f"self_attn.{proj}_proj.weight", "cat0", a + f"w{proj}.weight", rope=proj != "v")
+            add(hf + "self_attn.o_proj.weight", "cat1", a + "wo.weight")
+            for proj, heads in (("q", hl), ("k", kvl)):
+                for p in ("weight", "bias"):
+                    add(hf + f"self_attn.{proj}_norm.{p}", "qknorm", a + f"{proj}_normalization.{p}", repeat=heads)
+            if f + "w13.weight" in sd:
+                rows = self._raw_shape(0, f + "w13.weight")[0]
+                if rows % 2:
+                    raise ChameleonError(f"{self._paths[0]}: tensor {f}w13.weight has an odd row count {rows}")
+                add(hf + "mlp.gate_proj.weight", "cat0", f + "w13.weight", (0, rows // 2))
+                add(hf + "mlp.up_proj.weight", "cat0", f + "w13.weight", (rows // 2, rows))
+            else:
+                add(hf + "mlp.gate_proj.weight", "cat0", f + "w1.weight")
+                add(hf + "mlp.up_proj.weight", "cat0", f + "w3.weight")
+            add(hf + "mlp.down_proj.weight", "cat1", f + "w2.weight")
+            add(hf + "input_layernorm.weight", "mean", f"layers.{n}.attention_norm.weight")
+            add(hf + "post_attention_layernorm.weight", "mean", f"layers.{n}.ffn_norm.weight")
+
+    def _plan_vqgan(self) -> None:
+        path = self.vqgan_ckpt_path
+        ckpt = load_torch_file(path)
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+            ckpt = ckpt["state_dict"]
+        self._vq = _state_dict(ckpt, path, "a 'state_dict'")
+        index = len(self._paths)
+        ignored = []
+        for key, t in self._vq.items():
+            if key.startswith(_VQ_MODEL_PREFIXES) or key == "quantize.embedding.weight":
+                self._plan["model.vqmodel." + key] = _Entry("cat0", ((index, key, None),), tuple(t.shape))
+            elif key.startswith("decoder."):
+                self._decoder_keys.append(key)
+            else:
+                ignored.append(key)
+        if ignored:
+            self._notes.append(f"{path}: ignored {len(ignored)} tensor(s) that are not part of the VQ-GAN model "
+                               f"(e.g. {ignored[:3]})")
+        if not self._decoder_keys:
+            self._notes.append(f"{path}: holds no decoder.* tensors; image generation will not be possible")

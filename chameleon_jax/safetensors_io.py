@@ -1,0 +1,111 @@
+"""Safetensors files without torch: a validated, memory-mapped reader and a writer.
+
+numpy has no bfloat16, so the safetensors package's numpy API cannot read bf16 checkpoints; this
+reader maps the file and views each tensor in place (bf16 via ml_dtypes), and validates the header
+and every byte range first, so truncated or corrupt files fail with the file named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from .errors import ChameleonError
+
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class SafetensorsFile:
+    """Read-only, memory-mapped safetensors file; tensors are numpy views (no copy, any dtype).
+
+    Validates the header and that every tensor's byte range lies inside the file, so truncated
+    or corrupt files fail here with the file named, not later with a bus error.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise ChameleonError(f"{path}: file not found")
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError("shorter than the 8-byte header length")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > 100 * 2**20:
+                    raise ValueError(f"header length {n} exceeds the file size {size}")
+                header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            self.metadata = header.pop("__metadata__", None) or {}
+            data_size = size - 8 - n
+            self._entries = {}
+            for name, e in header.items():
+                dtype = _ST_DTYPES.get(e.get("dtype"))
+                if dtype is None:
+                    raise ValueError(f"tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
+                start, end = (int(v) for v in e["data_offsets"])
+                shape = tuple(int(s) for s in e["shape"])
+                if not 0 <= start <= end <= data_size:
+                    raise ValueError(f"tensor {name!r} lies outside the file (truncated?)")
+                if end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                    raise ValueError(f"tensor {name!r}: byte size does not match shape {shape}")
+                self._entries[name] = (np.dtype(dtype), shape, 8 + n + start)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:
+            raise ChameleonError(f"{path}: not a valid safetensors file ({e})") from None
+        self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
+    def get(self, name: str) -> np.ndarray:
+        dtype, shape, offset = self._entries[name]
+        count = int(np.prod(shape))
+        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
+    """Write tensors to ``path`` (numpy arrays, bf16 via ml_dtypes). Not atomic by itself."""
+    header: dict[str, Any] = {}
+    offset = 0
+    arrays = {}
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        if a.dtype not in _ST_NAMES:
+            raise ChameleonError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors")
+        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays[name] = a
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in sorted(arrays):
+            f.write(arrays[name].tobytes())

@@ -1,0 +1,136 @@
+"""Meshes, the logical-axis rules table, and param / batch shardings.
+
+Params carry logical axis names (set where each param is declared in model/); :data:`RULES`
+maps them to the mesh axes ``data``, ``fsdp`` and ``tensor``:
+
+- FSDP: the ``embed`` dim of every matrix is split over ``fsdp``.
+- Tensor parallel (Megatron style): ``heads``/``kv_heads``/``mlp``/``vocab`` split over ``tensor``
+  (q/k/v and gate/up column-parallel, o/down row-parallel, LM head over the vocabulary).
+- Batch: split over ``data`` and ``fsdp`` together.
+- The VQ-VAE (a small conv net, ~70M params in 7B) is replicated.
+
+Fallback (documented, not an error): a dim that its mesh axes do not divide evenly (e.g. 8 kv
+heads on tensor=16, or a batch of 3 on data=2) is replicated along those axes instead; the
+choices are listed by :func:`describe`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from .config import ChameleonConfig
+from .errors import ChameleonError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis name -> mesh axes (None: replicated). One table for params and activations.
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "mlp": ("tensor",),
+    "norm": None,
+    "conv_h": None,
+    "conv_w": None,
+    "conv_in": None,
+    "conv_out": None,
+    "codes": None,
+    "code_dim": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: all, every host).
+
+    One axis may be -1 to take the devices left over. Device order comes from
+    ``jax.make_mesh`` (topology-aware on TPU, process-major on multi-host).
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ChameleonError("make_mesh: at most one of data/fsdp/tensor may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ChameleonError(f"make_mesh: axis sizes must be positive (or one -1), got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ChameleonError(f"make_mesh: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ChameleonError(
+            f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices "
+            f"({dict(zip(MESH_AXES, sizes))})"
+        )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """Logical axis names of an array -> PartitionSpec, replicating dims that don't divide."""
+    spec = []
+    used: set[str] = set()
+    for name, dim in zip(names, shape):
+        axes = RULES.get(name) if name is not None else None
+        if name is not None and name not in RULES:
+            raise ChameleonError(f"sharding: logical axis {name!r} has no rule in sharding.RULES")
+        axes = tuple(a for a in (axes or ()) if mesh.shape[a] > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def param_logical_axes(config: ChameleonConfig) -> dict[str, tuple[str, ...]]:
+    """Flat {param path: logical axis names}, from the abstract (shape-only) init."""
+    from .model import init_params
+
+    boxed = init_params(config, jax.random.key(0), abstract=True)
+    specs = nn.get_partition_spec(boxed)
+    return traverse_util.flatten_dict(specs, sep="/", is_leaf=lambda _, x: isinstance(x, P))
+
+
+def param_shardings(config: ChameleonConfig, mesh: Mesh, shapes: Mapping[str, tuple] | None = None) -> dict:
+    """Flat {param path: NamedSharding} for every param of ``config``."""
+    from .checkpoint import expected_params
+
+    shapes = shapes or {k: v.shape for k, v in expected_params(config).items()}
+    axes = param_logical_axes(config)
+    return {path: NamedSharding(mesh, logical_to_spec(tuple(axes[path]), shapes[path], mesh)) for path in shapes}
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Sharding of a batch-major array (batch over data+fsdp, the rest replicated)."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+def describe(params, mesh: Mesh | None = None) -> list[str]:
+    """One line per param: path, shape, spec; shows which dims fell back to replication."""
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    lines = []
+    for path, x in sorted(flat.items()):
+        spec = getattr(getattr(x, "sharding", None), "spec", None)
+        lines.append(f"{path} {tuple(x.shape)} {spec}")
+    return lines
+
+
+def bytes_per_device(params) -> dict:
+    """{device: bytes of param shards it holds}."""
+    out: dict = {}
+    for x in jax.tree.leaves(params):
+        for s in x.addressable_shards:
+            out[s.device] = out.get(s.device, 0) + s.data.nbytes
+    return out
+
+
