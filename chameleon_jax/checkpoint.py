@@ -1,4 +1,4 @@
-"""Checkpoint I/O: the HF name table, safetensors read/write (streamed, mmap), ``load``.
+"""Checkpoint I/O: the HF name table, safetensors read/write (streamed), ``load``.
 
 One table (:data:`_RULES`) maps every param path of :class:`chameleon_jax.model.Chameleon` to
 its Hugging Face tensor name and layout transform; import and export both use it.

@@ -79,6 +79,95 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_demo_processor(config):
+    """A byte-level tokenizer for the demo's tiny vocabulary (no files, no downloads).
+
+    Ids of the specials, image codes and image markers are the tiny checkpoint's; the 256 byte
+    symbols follow, then two-letter filler tokens, so whatever the random model emits decodes to text.
+    """
+    import itertools
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from .processing import ChameleonProcessor, ImageConfig
+
+    vm = dict(config.vocabulary_map)
+    first_text = vm[IMAGE_TOKEN_NAME] + 1
+    vocab = {name: i for name, i in vm.items() if i < first_text}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    letters = "etaoinshrdlucmfwypvbgkjqxz"
+    fillers = ("".join(p) for p in itertools.product(letters, repeat=2))
+    while len(vocab) < config.vocab_size:
+        vocab.setdefault(next(fillers), len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [name for name, i in vm.items() if i < first_text and name.startswith("<")]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vm["<s>"])])
+    r = config.vq_config.resolution
+    return ChameleonProcessor(tok, image_config=ImageConfig(shortest_edge=r, crop_height=r, crop_width=r),
+                              image_seq_length=config.vq_config.tokens_per_image)
+
+
+IMAGE_TOKEN_NAME = "<image>"
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from . import load
+    from .processing import ChameleonProcessor
+
+    if args.temperature < 0:
+        raise ChameleonError(f"--temperature: expected >= 0 (0 = greedy), got {args.temperature}")
+    sampling = args.temperature > 0
+    if not sampling and (args.top_k or args.top_p < 1.0):
+        raise ChameleonError("--top-k / --top-p only apply when sampling: pass --temperature > 0 as well")
+    with tempfile.TemporaryDirectory(prefix="chameleon-generate-") as tmp:
+        t0 = time.perf_counter()
+        if args.model is None:
+            from .demo import build_tiny_checkpoint
+
+            print("no --model: using the demo's tiny random checkpoint (the text is random)", file=sys.stderr)
+            model = load(build_tiny_checkpoint(f"{tmp}/tiny", seed=0), dtype=args.dtype)
+            proc = _generate_demo_processor(model.config)
+        else:
+            model = load(args.model, dtype=args.dtype)
+            proc = ChameleonProcessor.from_pretrained(args.model)
+    prompt = args.prompt
+    images = list(args.image or [])
+    if images and IMAGE_TOKEN_NAME not in prompt:
+        prompt = IMAGE_TOKEN_NAME * len(images) + prompt  # images first, then the question
+    batch = proc(text=[prompt], images=images or None, return_for_text_completion=args.text_completion)
+    t1 = time.perf_counter()
+    print(f"loaded in {t1 - t0:.1f}s; prompt: {batch['input_ids'].shape[1]} tokens", file=sys.stderr)
+    stream = model.generate_stream(
+        batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+        max_new_tokens=args.max_new_tokens, do_sample=sampling, temperature=args.temperature or 1.0,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+        chunk_size=args.chunk_size,
+    )
+    tokens: list[int] = []
+    shown = ""
+    first = None
+    for chunk in stream:
+        first = first or time.perf_counter()
+        tokens += chunk[0].tolist()
+        text = proc.decode(tokens, skip_special_tokens=True)
+        ready = text.rstrip("\ufffd")  # hold back a character whose bytes are not all out yet
+        if ready.startswith(shown):
+            sys.stdout.write(ready[len(shown):])
+            sys.stdout.flush()
+            shown = ready
+    text = proc.decode(tokens, skip_special_tokens=True)
+    sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+    sys.stdout.write("\n")
+    t2 = time.perf_counter()
+    print(f"{len(tokens)} tokens in {t2 - t1:.2f}s, the first after {first - t1:.2f}s (both include compiling)",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chameleon-jax", description="Meta's Chameleon in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -119,6 +208,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically, at the end)")
     e.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard in GiB (default 5)")
     e.set_defaults(func=_cmd_export)
+    g = sub.add_parser(
+        "generate",
+        help="generate text from a prompt (and images), streamed as it is produced",
+        description="Tokenize --prompt (with --image files) with the checkpoint's processor, generate with a "
+        "jitted prefill + on-device decode loop and print the text as it streams. Greedy unless --temperature "
+        "> 0. Without --model, runs the demo's tiny random checkpoint (random text; no downloads). Timing goes "
+        "to stderr, text to stdout.",
+    )
+    g.add_argument("--model", metavar="DIR", default=None,
+                   help="checkpoint directory (HF layout or converted) holding the tokenizer files too; "
+                   "default: the demo's tiny random checkpoint")
+    g.add_argument("--prompt", required=True, metavar="TEXT",
+                   help="the prompt; each <image> in it takes the next --image (without any, the images go first)")
+    g.add_argument("--image", action="append", metavar="FILE",
+                   help="an image file; repeat for several, in the order of the <image> placeholders")
+    g.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="most tokens to generate; stops earlier at the end-of-sequence token (default 32)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 (default) is greedy decoding, > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample only among the K most likely tokens (0 = off, default; needs --temperature > 0)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: the smallest set of tokens with probability >= P (1 = off, default; "
+                   "needs --temperature > 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random draws when sampling (default 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="transformers' repetition penalty on tokens already present (1 = off, default)")
+    g.add_argument("--text-completion", action="store_true",
+                   help="continue the prompt as plain text: no chat separator token appended (the processor's "
+                   "return_for_text_completion)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="params and compute dtype (default float32; bfloat16 for TPU/GPU)")
+    g.add_argument("--chunk-size", type=int, default=8, metavar="N",
+                   help="tokens generated per on-device loop between prints (default 8)")
+    g.set_defaults(func=_cmd_generate)
     return p
 
 

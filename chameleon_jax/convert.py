@@ -1,6 +1,6 @@
 """``chameleon-jax convert`` / ``export``: HF or Meta release -> Orbax directory, and back to HF.
 
-Streaming: tensors are read one at a time (mmap), converted, and written one param group (a
+Streaming: tensors are read one at a time, converted, and written one param group (a
 layer, the embeddings, ...) at a time, so peak memory is about one group, never the model.
 Atomic: everything is written into a temp dir beside DST and renamed at the end.
 """

@@ -1,7 +1,7 @@
-"""Safetensors files without torch: a validated, memory-mapped reader and a writer.
+"""Safetensors files without torch: a validated reader (tensor by tensor) and a writer.
 
 numpy has no bfloat16, so the safetensors package's numpy API cannot read bf16 checkpoints; this
-reader maps the file and views each tensor in place (bf16 via ml_dtypes), and validates the header
+reader reads each tensor on demand (bf16 via ml_dtypes), and validates the header
 and every byte range first, so truncated or corrupt files fail with the file named.
 """
 
@@ -33,7 +33,7 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 class SafetensorsFile:
-    """Read-only, memory-mapped safetensors file; tensors are numpy views (no copy, any dtype).
+    """Read-only safetensors file; each tensor is read on demand into numpy (any dtype, bf16 too).
 
     Validates the header and that every tensor's byte range lies inside the file, so truncated
     or corrupt files fail here with the file named, not later with a bus error.
@@ -71,7 +71,6 @@ class SafetensorsFile:
                 self._entries[name] = (np.dtype(dtype), shape, 8 + n + start)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:
             raise ChameleonError(f"{path}: not a valid safetensors file ({e})") from None
-        self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -83,9 +82,16 @@ class SafetensorsFile:
         return self._entries[name][0]
 
     def get(self, name: str) -> np.ndarray:
+        """A fresh array read from the file (not a view of a mapping: mapped pages would stay
+        resident and count against the process, so converting a checkpoint would hold all of it)."""
         dtype, shape, offset = self._entries[name]
-        count = int(np.prod(shape))
-        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=offset).reshape(shape)
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != out.nbytes:
+            raise ChameleonError(f"{self.path}: tensor {name!r} is cut short (file truncated while reading?)")
+        return out
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
