@@ -14,7 +14,7 @@ from .checkpoint import is_orbax_dir, read_hf_params, read_orbax
 from .config import ChameleonConfig
 from .errors import ChameleonError
 from .model import Chameleon, causal_mask, default_positions
-from .sharding import batch_sharding, param_shardings
+from .sharding import batch_sharding, param_shardings, to_host
 
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
@@ -109,7 +109,7 @@ class ChameleonModel:
         ids, mask, pos, pixels = self._check_inputs(input_ids, attention_mask, pixel_values, position_ids)
         ids, mask, pos, pixels = self.put_batch(ids, mask, pos, pixels)
         out = self._logits_fn(self.params, ids, mask, pos, pixels, suppress=suppress_image_tokens)
-        return np.asarray(out)
+        return to_host(out)
 
     def put_batch(self, *arrays):
         """Place batch-major host arrays on the mesh (batch over data+fsdp); no-op without one."""
@@ -121,7 +121,8 @@ class ChameleonModel:
         """pixel_values [N, 3, H, W] -> BPE ids of the image tokens [N, tokens_per_image]."""
         if self.config.vq_config is None:
             raise ChameleonError("pixel_values: this checkpoint has no vq_config (no image tokenizer)")
-        return np.asarray(self._image_fn(self.params, jnp.asarray(pixel_values, jnp.float32)))
+        (pixels,) = self.put_batch(np.asarray(pixel_values, np.float32))
+        return to_host(self._image_fn(self.params, pixels))
 
     # ------------------------------------------------------------------ generation
     def _generation_inputs(self, input_ids, attention_mask, pixel_values, settings):
@@ -139,7 +140,7 @@ class ChameleonModel:
         settings = GenerationSettings(**settings)
         settings = settings.validate(self.config, ids.shape[1])
         if "_generator" not in self.__dict__:
-            self._generator = Generator(self.module, self.config)
+            self._generator = Generator(self.module, self.config, put=self.put_batch)
         return self._generator, ids, mask, pixels, settings
 
     @staticmethod
@@ -192,6 +193,42 @@ class ChameleonModel:
                            stop_token_ids, min_new_tokens),
         )
         return gen.stream(self.params, ids, mask, pixels, settings, int(chunk_size))
+
+    # ------------------------------------------------------------------ training loss (train.py)
+    def loss(self, input_ids, labels=None, attention_mask=None, pixel_values=None, position_ids=None, *,
+             loss_mask=None, loss_on: str = "all", image_targets: bool = False, z_loss: float = 0.0) -> float:
+        """Causal-LM loss with transformers' ``labels=`` convention: labels [B, T] are shifted inside
+        (position t predicts labels[t + 1]), -100 is ignored, the mean is over the remaining tokens.
+        ``labels`` default: ``input_ids`` with padding set to -100.
+
+        By default image-token logits are masked as in transformers' forward (numbers match); with
+        ``image_targets=True`` they are not and ``<image>`` placeholder labels become the image
+        tokens, so images are trainable targets. ``loss_on``: "all", "text" (ignore image-token
+        labels) or "image" (only those); ``loss_mask`` [B, T]: 0 drops a label; ``z_loss``: adds
+        ``z_loss * mean(logsumexp(logits)^2)``. Returns a Python float.
+        """
+        from .train import model_loss
+
+        ids, mask, pos, pixels = self._check_inputs(input_ids, attention_mask, pixel_values, position_ids)
+        if labels is None:
+            labels = np.where(mask > 0, ids, -100)
+        labels = np.asarray(labels)
+        labels = labels[None] if labels.ndim == 1 else labels
+        if labels.shape != ids.shape or not np.issubdtype(labels.dtype, np.integer):
+            raise ChameleonError(f"labels: expected integers shaped like input_ids {ids.shape}, got "
+                                 f"{labels.dtype} {labels.shape}")
+        lm = np.ones(ids.shape, np.int32) if loss_mask is None else np.asarray(loss_mask)
+        lm = lm[None] if lm.ndim == 1 else lm
+        if lm.shape != ids.shape:
+            raise ChameleonError(f"loss_mask: shape {lm.shape} does not match input_ids {ids.shape}")
+        key = (loss_on, bool(image_targets))
+        fns = self.__dict__.setdefault("_loss_fns", {})
+        if key not in fns:
+            fns[key] = jax.jit(lambda p, i, l, m, q, x, k, z: model_loss(
+                self.module, p, i, l, m, q, x, loss_mask=k, loss_on=loss_on, image_targets=image_targets, z_loss=z)[0])
+        ids, labels, mask, pos, lm, pixels = self.put_batch(ids, labels.astype(np.int32), mask, pos,
+                                                            lm.astype(np.int32), pixels)
+        return float(fns[key](self.params, ids, labels, mask, pos, pixels, lm, jnp.float32(z_loss)))
 
 
 def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None) -> ChameleonModel:

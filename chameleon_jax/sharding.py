@@ -134,3 +134,12 @@ def bytes_per_device(params) -> dict:
     return out
 
 
+
+
+def to_host(x) -> np.ndarray:
+    """A jax array as numpy on every process (gathers across hosts when it spans several)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
