@@ -15,11 +15,19 @@ from .vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SEP_TOKEN, image_code_name
 TINY_NUM_CODES = 256
 
 
-def tiny_vocabulary_map(vocab_size: int = 1024, num_codes: int = TINY_NUM_CODES) -> dict[str, int]:
-    """Chameleon's layout in miniature: specials, image codes from id 4, boi/eoi/sep/<image>, text."""
+def tiny_vocabulary_map(vocab_size: int = 1024, num_codes: int = TINY_NUM_CODES,
+                        shuffle_seed: int | None = None) -> dict[str, int]:
+    """Chameleon's layout in miniature: specials, image codes from id 4, boi/eoi/sep/<image>, text.
+
+    ``shuffle_seed``: place the image codes at ids 4.. in a shuffled order (tests use it to catch
+    code-order assumptions; the real vocabulary is in order).
+    """
     vm = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for code in range(num_codes):
-        vm[image_code_name(code)] = 4 + code
+    codes = np.arange(num_codes)
+    if shuffle_seed is not None:
+        codes = np.random.default_rng(shuffle_seed).permutation(num_codes)
+    for i, code in enumerate(codes):
+        vm[image_code_name(int(code))] = 4 + i
     nxt = 4 + num_codes
     for name in (BOI_TOKEN, EOI_TOKEN, SEP_TOKEN, IMAGE_TOKEN):
         vm[name] = nxt

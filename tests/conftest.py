@@ -11,25 +11,15 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 import numpy as np
 import pytest
 
-from chameleon_jax.vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SEP_TOKEN, image_code_name
+from chameleon_jax.demo import tiny_vocabulary_map
+from chameleon_jax.vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
 
 NUM_CODES = 64
 
 
 def make_vocabulary_map(vocab_size: int = 256, num_codes: int = NUM_CODES) -> dict[str, int]:
-    """Specials at 0..3, image codes next (in a shuffled order, to catch order assumptions),
-    then boi/eoi/sep/<image>, then plain text tokens."""
-    vm = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    codes = np.random.default_rng(123).permutation(num_codes)
-    for i, code in enumerate(codes):
-        vm[image_code_name(int(code))] = 4 + i
-    nxt = 4 + num_codes
-    for name in (BOI_TOKEN, EOI_TOKEN, SEP_TOKEN, IMAGE_TOKEN):
-        vm[name] = nxt
-        nxt += 1
-    for i in range(nxt, vocab_size):
-        vm[f"t{i}"] = i
-    return vm
+    """The demo's layout with the image codes shuffled, to catch code-order assumptions."""
+    return tiny_vocabulary_map(vocab_size, num_codes, shuffle_seed=123)
 
 
 def hf_config(**overrides):
