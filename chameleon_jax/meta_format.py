@@ -411,8 +411,25 @@ class MetaRelease:
         return self._paths[i] if i < len(self._paths) else self.vqgan_ckpt_path
 
     def _raw(self, i: int, key: str, rows) -> np.ndarray:
-        t = self._files[i][key] if i < len(self._paths) else self._vq[key]
-        return to_numpy(t if rows is None else t[rows[0]:rows[1]])
+        if i < len(self._paths):
+            self._remap_if_needed()
+            t = self._files[i][key]
+        else:
+            t = self._vq[key]
+        part = to_numpy(t if rows is None else t[rows[0]:rows[1]])
+        self._mapped_bytes += part.nbytes
+        return part
+
+    # Pages of a memory-mapped file that were read stay resident (and count as this process's
+    # memory) while the mapping lives. Re-opening the shard files every _REMAP_BYTES read drops
+    # the old mappings, so converting holds about that much of the source, not all of it.
+    _REMAP_BYTES = 2**29
+    _mapped_bytes = 0
+
+    def _remap_if_needed(self) -> None:
+        if self._mapped_bytes >= self._REMAP_BYTES:
+            self._files = [_state_dict(load_torch_file(p), p, "a model state dict") for p in self._paths]
+            self._mapped_bytes = 0
 
     def where_raw(self) -> str:
         """The model's .pth file(s), for messages."""
