@@ -325,3 +325,20 @@ def test_convert_cli_meta_release_end_to_end(thirty, tmp_path, capsys):
     assert set(decoder) <= {k.removeprefix("vqgan.") for k in extra}
     for k, v in decoder.items():
         np.testing.assert_array_equal(extra["vqgan." + k], v)
+
+
+def test_remapping_shard_files_midway_changes_nothing(seven, monkeypatch):
+    """Re-opening the .pth mappings (done every 512 MiB to bound memory) gives the same tensors."""
+    from chameleon_jax import meta_format
+
+    root, hf, _ = seven
+    steady = meta_format.MetaRelease(str(root))
+    want = {k: np.array(steady.get(k)) for k in steady.keys()}
+    monkeypatch.setattr(meta_format.MetaRelease, "_REMAP_BYTES", 1)
+    calls = []
+    real = meta_format.load_torch_file
+    monkeypatch.setattr(meta_format, "load_torch_file", lambda p: calls.append(p) or real(p))
+    remapped = meta_format.MetaRelease(str(root))
+    for k in remapped.keys():
+        np.testing.assert_array_equal(remapped.get(k), want[k])
+    assert len(calls) > len(want) // 2  # it really re-opened the files along the way
