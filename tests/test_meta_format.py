@@ -341,4 +341,5 @@ def test_remapping_shard_files_midway_changes_nothing(seven, monkeypatch):
     remapped = meta_format.MetaRelease(str(root))
     for k in remapped.keys():
         np.testing.assert_array_equal(remapped.get(k), want[k])
-    assert len(calls) > len(want) // 2  # it really re-opened the files along the way
+    from_pth = [k for k in want if not k.startswith("model.vqmodel.")]
+    assert len(calls) >= len(from_pth) - 1  # it re-opened the .pth before (almost) every tensor
