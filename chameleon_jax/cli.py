@@ -168,6 +168,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from .train import TrainConfig, Trainer
+
+    tc = TrainConfig.from_json_file(args.config, args.set)
+    trainer = Trainer(tc)
+    try:
+        trainer.run(max_steps=args.max_steps)
+    finally:
+        trainer.close()
+    print(f"stopped at step {trainer.step}/{tc.steps}; checkpoints: "
+          f"{os.path.join(tc.output_dir, 'checkpoints')}; metrics: {trainer.metrics_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chameleon-jax", description="Meta's Chameleon in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -243,6 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=int, default=8, metavar="N",
                    help="tokens generated per on-device loop between prints (default 8)")
     g.set_defaults(func=_cmd_generate)
+    t = sub.add_parser(
+        "train",
+        help="fine-tune (full or LoRA) on JSONL image-text data from a JSON config",
+        description="Fine-tune a Chameleon checkpoint as the JSON config says (keys: "
+        "chameleon_jax.train.TrainConfig; examples: configs/train-tiny.json, configs/train-7b-tpu.json). "
+        "Prints a progress line (loss, learning rate, grad norm, tokens/s, data position) every log_every "
+        "steps and appends each step's metrics to output_dir/metrics.jsonl. Checkpoints go to "
+        "output_dir/checkpoints; if some exist there, training resumes exactly from the latest (params or "
+        "LoRA adapters, optimizer state, step, RNG, data position). configs/train-tiny.json (demo: true) "
+        "builds a tiny random model, tokenizer and image-text dataset and trains on them.",
+    )
+    t.add_argument("--config", required=True, help="the training config (JSON); unknown keys are an error")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key; VALUE is parsed as JSON (else taken as a string), dotted "
+                   "keys reach nested objects: --set learning_rate=1e-4 --set lora.rank=16 "
+                   "--set mesh.fsdp=8. Repeatable")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="run at most this many steps now, then checkpoint and exit (the next run resumes)")
+    t.set_defaults(func=_cmd_train)
     return p
 
 

@@ -222,14 +222,26 @@ class DecoderLayer(nn.Module):
         return x, new_cache
 
 
+# Rematerialization policies for training (``Chameleon(config, remat_policy=...)``): what each
+# decoder layer keeps for the backward pass; everything else is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections only
+}
+
+
 class Chameleon(nn.Module):
     """Token embeddings, decoder layers, final norm, LM head, and the VQ-VAE image tokenizer.
 
     Param tree: embed_tokens, layers_{i}, norm, lm_head (absent when tied), vqmodel (absent
-    without a vq_config).
+    without a vq_config). ``remat_policy`` (a key of :data:`REMAT_POLICIES`) wraps each decoder
+    layer in ``nn.remat`` for training; the param tree is the same for every policy.
     """
 
     config: ChameleonConfig
+    remat_policy: str = "none"
 
     def setup(self):
         c = self.config
@@ -239,7 +251,12 @@ class Chameleon(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="embed_tokens",
         )
-        self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+        layer_cls = DecoderLayer
+        if self.remat_policy != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy])
+        self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), name="norm")
         if not c.tie_word_embeddings:
             self.lm_head = self.param(
