@@ -13,6 +13,8 @@ KV-cache contract (shared by the full forward, prefill and one-token decode):
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -122,6 +124,18 @@ class HeadLayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+def matmul_2d(x: Array, w: Array, n_in: int, out_dtype=None) -> Array:
+    """Contract x's trailing ``n_in`` dims with w's leading ``n_in`` dims as one 2-D matmul.
+
+    Same result as the einsum; as a plain [N, in] @ [in, out] its backward pass avoids the
+    transposed copies XLA's CPU backend makes for the 3-D einsum (~25% of a train step).
+    """
+    lead, tail = x.shape[: x.ndim - n_in], w.shape[n_in:]
+    k = math.prod(w.shape[:n_in])
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
+    return y.reshape(lead + tail)
+
+
 class Linear(nn.Module):
     """An einsum-shaped projection: ``kernel`` of ``shape`` with logical ``axes``, optional bias."""
 
@@ -134,7 +148,10 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dt = jnp.dtype(self.dtype)
-        y = jnp.einsum(self.spec, _cast(x, dt), _cast(_param(self, "kernel", self.shape, self.axes), dt))
+        kernel = _cast(_param(self, "kernel", self.shape, self.axes), dt)
+        lhs, kern = self.spec.split("->")[0].split(",")
+        n_in = sum(ch in lhs for ch in kern)  # leading kernel dims contracted with x's trailing dims
+        y = matmul_2d(_cast(x, dt), kernel, n_in)
         if self.bias_ndim:
             shape, axes = self.shape[-self.bias_ndim :], self.axes[-self.bias_ndim :]
             y = y + _cast(_param(self, "bias", shape, axes, nn.initializers.zeros), dt)
@@ -313,7 +330,7 @@ class Chameleon(nn.Module):
         c = self.config
         dt = jnp.dtype(c.dtype)
         w = _cast(self.embed_tokens.embedding, dt).T if c.tie_word_embeddings else _cast(self.lm_head, dt)
-        logits = jnp.einsum("btd,dv->btv", _cast(x, dt), w, preferred_element_type=jnp.float32)
+        logits = matmul_2d(_cast(x, dt), w, 1, jnp.float32)
         image_ids = c.image_vocab.image_token_ids
         if suppress_image_tokens and len(image_ids):
             is_image = np.zeros((c.vocab_size,), bool)
