@@ -166,7 +166,8 @@ class ChameleonModel:
         ``top_p`` (1 = off); ``seed`` makes draws reproducible (per row: a row's draws depend only on
         the seed, its row index and the step). ``min_new_tokens`` suppresses stop tokens that long.
         Prompts are left-padded to a length bucket (``sampling.bucket_length``), so a new prompt length
-        in a seen bucket reuses the compiled program. Image tokens are never generated (text mode).
+        in a seen bucket reuses the compiled program. Image tokens are never generated (text mode); the
+        first call keeps a copy of the LM head's text rows for fast decoding (``sampling.TextHead``).
         """
         gen, ids, mask, pixels, settings = self._generation_inputs(
             input_ids, attention_mask, pixel_values,

@@ -91,8 +91,10 @@ def _generate_demo_processor(config):
 
     from .processing import ChameleonProcessor, ImageConfig
 
+    from .vocab import IMAGE_TOKEN
+
     vm = dict(config.vocabulary_map)
-    first_text = vm[IMAGE_TOKEN_NAME] + 1
+    first_text = vm[IMAGE_TOKEN] + 1
     vocab = {name: i for name, i in vm.items() if i < first_text}
     for ch in pre_tokenizers.ByteLevel.alphabet():
         vocab.setdefault(ch, len(vocab))
@@ -109,9 +111,6 @@ def _generate_demo_processor(config):
     r = config.vq_config.resolution
     return ChameleonProcessor(tok, image_config=ImageConfig(shortest_edge=r, crop_height=r, crop_width=r),
                               image_seq_length=config.vq_config.tokens_per_image)
-
-
-IMAGE_TOKEN_NAME = "<image>"
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -136,8 +135,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             proc = ChameleonProcessor.from_pretrained(args.model)
     prompt = args.prompt
     images = list(args.image or [])
-    if images and IMAGE_TOKEN_NAME not in prompt:
-        prompt = IMAGE_TOKEN_NAME * len(images) + prompt  # images first, then the question
+    if images and proc.image_token not in prompt:
+        prompt = proc.image_token * len(images) + prompt  # images first, then the question
     batch = proc(text=[prompt], images=images or None, return_for_text_completion=args.text_completion)
     t1 = time.perf_counter()
     print(f"loaded in {t1 - t0:.1f}s; prompt: {batch['input_ids'].shape[1]} tokens", file=sys.stderr)
@@ -163,8 +162,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
     sys.stdout.write("\n")
     t2 = time.perf_counter()
-    print(f"{len(tokens)} tokens in {t2 - t1:.2f}s, the first after {first - t1:.2f}s (both include compiling)",
-          file=sys.stderr)
+    print(f"{len(tokens)} tokens in {t2 - t1:.2f}s, the first after {first - t1:.2f}s "
+          "(both include compiling)", file=sys.stderr)
     return 0
 
 
@@ -227,16 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "generate",
         help="generate text from a prompt (and images), streamed as it is produced",
-        description="Tokenize --prompt (with --image files) with the checkpoint's processor, generate with a "
-        "jitted prefill + on-device decode loop and print the text as it streams. Greedy unless --temperature "
-        "> 0. Without --model, runs the demo's tiny random checkpoint (random text; no downloads). Timing goes "
-        "to stderr, text to stdout.",
+        description="Tokenize --prompt (with --image files) with the checkpoint's processor, generate "
+        "with a jitted prefill + on-device decode loop and print the text as it streams. Greedy unless "
+        "--temperature > 0. Without --model, runs the demo's tiny random checkpoint (random text; no "
+        "downloads). Timing goes to stderr, text to stdout.",
     )
     g.add_argument("--model", metavar="DIR", default=None,
                    help="checkpoint directory (HF layout or converted) holding the tokenizer files too; "
                    "default: the demo's tiny random checkpoint")
     g.add_argument("--prompt", required=True, metavar="TEXT",
-                   help="the prompt; each <image> in it takes the next --image (without any, the images go first)")
+                   help="the prompt; each <image> in it takes the next --image (without any, the images "
+                   "go first)")
     g.add_argument("--image", action="append", metavar="FILE",
                    help="an image file; repeat for several, in the order of the <image> placeholders")
     g.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
@@ -244,16 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 (default) is greedy decoding, > 0 samples")
     g.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample only among the K most likely tokens (0 = off, default; needs --temperature > 0)")
+                   help="sample only among the K most likely tokens (0 = off, default; needs "
+                   "--temperature > 0)")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling: the smallest set of tokens with probability >= P (1 = off, default; "
-                   "needs --temperature > 0)")
+                   help="nucleus sampling: the smallest set of tokens with probability >= P (1 = off, "
+                   "default; needs --temperature > 0)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random draws when sampling (default 0)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                    help="transformers' repetition penalty on tokens already present (1 = off, default)")
     g.add_argument("--text-completion", action="store_true",
-                   help="continue the prompt as plain text: no chat separator token appended (the processor's "
-                   "return_for_text_completion)")
+                   help="continue the prompt as plain text: no chat separator token appended (the "
+                   "processor's return_for_text_completion)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="params and compute dtype (default float32; bfloat16 for TPU/GPU)")
     g.add_argument("--chunk-size", type=int, default=8, metavar="N",
