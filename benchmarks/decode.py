@@ -29,21 +29,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 
-
-def vocabulary_map(vocab_size: int, num_codes: int) -> dict[str, int]:
-    """Chameleon's layout: specials 0..3, image codes from 4, boi/eoi/sep/<image>, then text."""
-    from chameleon_jax.vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SEP_TOKEN, image_code_name
-
-    vm = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for code in range(num_codes):
-        vm[image_code_name(code)] = 4 + code
-    nxt = 4 + num_codes
-    for name in (BOI_TOKEN, EOI_TOKEN, SEP_TOKEN, IMAGE_TOKEN):
-        vm[name] = nxt
-        nxt += 1
-    for i in range(nxt, vocab_size):
-        vm[f"t{i}"] = i
-    return vm
+from chameleon_jax.demo import tiny_vocabulary_map
 
 
 def build_checkpoint(directory: str, args) -> None:
@@ -59,7 +45,7 @@ def build_checkpoint(directory: str, args) -> None:
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads or args.heads,
         max_position_embeddings=4096,
-        vocabulary_map=vocabulary_map(args.vocab, args.image_codes),
+        vocabulary_map=tiny_vocabulary_map(args.vocab, args.image_codes),
         pad_token_id=3,
         bos_token_id=1,
         eos_token_id=2,
