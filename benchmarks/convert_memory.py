@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-CHILD_IMPORTS = "import jax, orbax.checkpoint, chameleon_jax, chameleon_jax.convert"
+CHILD_IMPORTS = "import jax, orbax.checkpoint, chameleon_jax, chameleon_jax.checkpoint.convert"
 
 
 def _peak_rss_of(code: str) -> tuple[float, float]:
@@ -45,7 +45,7 @@ def _peak_rss_of(code: str) -> tuple[float, float]:
 def build_checkpoint(directory: str, layers: int) -> tuple[int, int]:
     """An HF dir with 7B shapes and ``layers`` layers; returns (total bytes, largest tensor bytes)."""
     from chameleon_jax import load_preset
-    from chameleon_jax.checkpoint import _hf_shape, atomic_dir, expected_params, hf_name, write_hf_tensors
+    from chameleon_jax.checkpoint.hf import _hf_shape, atomic_dir, expected_params, hf_name, write_hf_tensors
 
     config = load_preset("chameleon-7b").replace(num_hidden_layers=layers)
     shapes = expected_params(config)
@@ -117,7 +117,7 @@ def main() -> None:
         imports = CHILD_IMPORTS + (", torch" if args.source == "meta" else "")
         base, _ = _peak_rss_of(imports)
         peak, secs = _peak_rss_of(
-            imports + f"\nchameleon_jax.convert.convert({src!r}, {dst!r}, progress=False)"
+            imports + f"\nchameleon_jax.checkpoint.convert.convert({src!r}, {dst!r}, progress=False)"
         )
         beyond = peak - base
         limit = 3 * largest + 2**30

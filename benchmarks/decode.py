@@ -22,45 +22,16 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 
-from chameleon_jax.demo import tiny_vocabulary_map
-
-
-def build_checkpoint(directory: str, args) -> None:
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.ChameleonConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads or args.heads,
-        max_position_embeddings=4096,
-        vocabulary_map=tiny_vocabulary_map(args.vocab, args.image_codes),
-        pad_token_id=3,
-        bos_token_id=1,
-        eos_token_id=2,
-        vq_config=dict(
-            embed_dim=64,
-            num_embeddings=args.image_codes,
-            latent_channels=64,
-            resolution=args.image_resolution,
-            base_channels=64,
-            channel_multiplier=[1, 1, 2, 2, 4],
-            num_res_blocks=1,
-            attn_resolutions=[],
-        ),
-    )
-    transformers.ChameleonForConditionalGeneration(config).eval().save_pretrained(directory)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    add_model_args, first_text_id, load_both, median_spread, memory_bandwidth, read_bandwidth, timed,
+)
 
 
 def text_prompts(batch: int, length: int, vocab: int, first_text: int, seed: int = 0):
@@ -70,52 +41,9 @@ def text_prompts(batch: int, length: int, vocab: int, first_text: int, seed: int
     return ids, np.ones_like(ids)
 
 
-def median_spread(xs):
-    return statistics.median(xs), min(xs), max(xs)
-
-
-def memory_bandwidth(mb: int = 512, reps: int = 5) -> float:
-    """GB/s of a plain numpy copy (bytes read + bytes written) of an array much larger than L2."""
-    src = np.ones(mb * 2**20 // 4, np.float32)
-    dst = np.empty_like(src)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t)
-    return 2 * src.nbytes / statistics.median(times) / 1e9
-
-
-def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
-    """GB/s of a jitted sum over an array much larger than L2 (reads only, all cores): roughly
-    what streaming weights from memory can reach."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((mb * 2**20 // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        total(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    del x
-    return mb * 2**20 / statistics.median(times) / 1e9
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=0, help="0: same as --heads (MHA)")
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--image-codes", type=int, default=8192,
-                   help="image codes (ids 4..), suppressed in text mode")
-    p.add_argument("--image-resolution", type=int, default=256,
-                   help="VQ input size; 5 levels, so (res/16)^2 image tokens (default 256 -> 256 tokens)")
+    add_model_args(p, hidden=512, layers=8, intermediate=1376, vocab=65536, image_codes=8192, image_resolution=256)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
@@ -125,20 +53,12 @@ def main(argv=None) -> int:
 
     import jax
     import torch
-    import transformers
 
-    import chameleon_jax as cj
-    from chameleon_jax.sampling import bucket_length
+    from chameleon_jax.generation import bucket_length
 
-    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-          f"{os.cpu_count()} CPUs")
-    with tempfile.TemporaryDirectory(prefix="chameleon-bench-") as tmp:
-        build_checkpoint(tmp, args)
-        hf = transformers.ChameleonForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).eval()
-        model = cj.load(tmp, dtype="float32")
+    hf, model = load_both(args)
     c = model.config
-    first_text = 4 + args.image_codes + 4
+    first_text = first_text_id(args)
     params = model.params
     layer_bytes = sum(
         x.nbytes for k, v in params.items() if k not in ("embed_tokens", "lm_head", "vqmodel")
@@ -169,11 +89,6 @@ def main(argv=None) -> int:
 
     def ours(ids, mask, new, pixels=None):
         return model.generate(ids, mask, pixels, max_new_tokens=new, min_new_tokens=new)
-
-    def timed(fn):
-        t = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t, out
 
     for batch in args.batches:
         ids, mask = text_prompts(batch, args.prompt, c.vocab_size, first_text, seed=batch)

@@ -5,7 +5,7 @@ step is: forward over a [B, T] text batch with labels (transformers' ``labels=``
 logits masked on both sides), backward, global-norm clipping to 1.0, AdamW (lr 1e-4, betas
 (0.9, 0.999), eps 1e-8, weight decay 0.01; ours skips norms and biases) over every parameter except
 the frozen VQ-VAE. Ours is
-``chameleon_jax.train.make_train_step`` on one device (fp32 compute, no remat unless --remat);
+``chameleon_jax.training.step.make_train_step`` on one device (fp32 compute, no remat unless --remat);
 transformers runs eagerly in fp32 with its default attention (sdpa). Runs alternate, medians are
 printed (min..max beside them: the machine may be shared); our compile time (first call minus a
 steady one) is reported separately. The first step's losses of both sides are printed as a check.
@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -33,21 +32,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import build_checkpoint  # noqa: E402  (same random-checkpoint recipe as the decode benchmark)
+from common import add_model_args, first_text_id, load_both  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=0, help="0: same as --heads (MHA)")
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--image-codes", type=int, default=1024,
-                   help="image codes (ids 4..); their logits are masked")
-    p.add_argument("--image-resolution", type=int, default=64,
-                   help="VQ input size (the VQ is frozen: unused here)")
+    add_model_args(p, hidden=256, layers=4, intermediate=688, vocab=8192, image_codes=1024, image_resolution=64)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=10, help="timed steps per side (alternating)")
@@ -60,24 +50,17 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     import torch
-    import transformers
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    import chameleon_jax as cj
     from chameleon_jax.model import Chameleon
-    from chameleon_jax.train import TrainConfig, build_mesh, make_optimizer, make_train_step, state_shardings
+    from chameleon_jax.training.config import TrainConfig
+    from chameleon_jax.training.step import build_mesh, make_optimizer, make_train_step, state_shardings
 
-    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-          f"{os.cpu_count()} CPUs")
-    with tempfile.TemporaryDirectory(prefix="chameleon-bench-") as tmp:
-        build_checkpoint(tmp, args)
-        hf = transformers.ChameleonForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
-        model = cj.load(tmp, dtype="float32")
+    hf, model = load_both(args)
     hf.train()
     n_params = sum(x.size for k, v in model.params.items() if k != "vqmodel" for x in jax.tree.leaves(v))
     rng = np.random.default_rng(0)
-    first_text = 4 + args.image_codes + 4
+    first_text = first_text_id(args)
     ids = rng.integers(first_text, args.vocab, (args.batch, args.seq)).astype(np.int64)
     ids[:, 0] = 1
     mask = np.ones_like(ids)

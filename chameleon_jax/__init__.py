@@ -6,5 +6,15 @@ from .errors import ChameleonError
 from .processing import ChameleonProcessor
 from .sharding import make_mesh
 
-__all__ = ["ChameleonConfig", "ChameleonError", "ChameleonModel", "ChameleonProcessor", "VQConfig", "load", "load_preset", "make_mesh"]
+__all__ = ["ChameleonConfig", "ChameleonError", "ChameleonModel", "ChameleonProcessor", "TrainConfig", "Trainer",
+           "VQConfig", "load", "load_preset", "make_mesh"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Training pulls in optax and orbax; import it only when asked for.
+    if name in ("Trainer", "TrainConfig"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'chameleon_jax' has no attribute {name!r}")

@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoint import is_orbax_dir, read_hf_params, read_orbax
+from .checkpoint.hf import read_hf_params
+from .checkpoint.orbax import is_orbax_dir, read_orbax
 from .config import ChameleonConfig
 from .errors import ChameleonError
 from .model import Chameleon, causal_mask, default_positions
+from .model.loss import model_loss
 from .sharding import batch_sharding, param_shardings, to_host
 
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -126,7 +128,7 @@ class ChameleonModel:
 
     # ------------------------------------------------------------------ generation
     def _generation_inputs(self, input_ids, attention_mask, pixel_values, settings):
-        from .sampling import GenerationSettings, Generator
+        from .generation import GenerationSettings, Generator
 
         ids, mask, _, pixels = self._check_inputs(input_ids, attention_mask, pixel_values, None)
         if ids.shape[1] == 0:
@@ -165,9 +167,9 @@ class ChameleonModel:
         order, ``repetition_penalty`` (also in greedy mode), ``temperature``, ``top_k`` (0 = off),
         ``top_p`` (1 = off); ``seed`` makes draws reproducible (per row: a row's draws depend only on
         the seed, its row index and the step). ``min_new_tokens`` suppresses stop tokens that long.
-        Prompts are left-padded to a length bucket (``sampling.bucket_length``), so a new prompt length
+        Prompts are left-padded to a length bucket (``generation.bucket_length``), so a new prompt length
         in a seen bucket reuses the compiled program. Image tokens are never generated (text mode); the
-        first call keeps a copy of the LM head's text rows for fast decoding (``sampling.TextHead``).
+        first call keeps a copy of the LM head's text rows for fast decoding (``generation.TextHead``).
         """
         gen, ids, mask, pixels, settings = self._generation_inputs(
             input_ids, attention_mask, pixel_values,
@@ -195,7 +197,7 @@ class ChameleonModel:
         )
         return gen.stream(self.params, ids, mask, pixels, settings, int(chunk_size))
 
-    # ------------------------------------------------------------------ training loss (train.py)
+    # ------------------------------------------------------------------ training loss (model/loss.py)
     def loss(self, input_ids, labels=None, attention_mask=None, pixel_values=None, position_ids=None, *,
              loss_mask=None, loss_on: str = "all", image_targets: bool = False, z_loss: float = 0.0) -> float:
         """Causal-LM loss with transformers' ``labels=`` convention: labels [B, T] are shifted inside
@@ -208,8 +210,6 @@ class ChameleonModel:
         labels) or "image" (only those); ``loss_mask`` [B, T]: 0 drops a label; ``z_loss``: adds
         ``z_loss * mean(logsumexp(logits)^2)``. Returns a Python float.
         """
-        from .train import model_loss
-
         ids, mask, pos, pixels = self._check_inputs(input_ids, attention_mask, pixel_values, position_ids)
         if labels is None:
             labels = np.where(mask > 0, ids, -100)

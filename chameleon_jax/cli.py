@@ -61,7 +61,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .checkpoint.convert import convert
 
     kind, notes = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
                           model_size=args.model_size)
@@ -72,7 +72,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .convert import export
+    from .checkpoint.convert import export
 
     export(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"exported {args.src} -> {args.dst} (HF safetensors)")
@@ -170,7 +170,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from .train import TrainConfig, Trainer
+    from .training import TrainConfig, Trainer
 
     tc = TrainConfig.from_json_file(args.config, args.set)
     trainer = Trainer(tc)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
 
-from .errors import ChameleonError
+from .errors import ChameleonError, read_json
 from .vocab import ImageVocab
 
 # Keys every transformers PretrainedConfig may write; they carry nothing this project uses.
@@ -219,14 +219,7 @@ class ChameleonConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "ChameleonConfig":
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ChameleonError(f"{path}: config file not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ChameleonError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=path)
+        return cls.from_hf_dict(read_json(path, "config file"), source=path)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` atomically (temp file, then rename)."""
@@ -239,7 +232,13 @@ class ChameleonConfig:
 
 
 def load_preset(name: str) -> ChameleonConfig:
-    """A preset from ``configs/<name>.json`` (chameleon-7b, chameleon-30b, tiny, ...)."""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    path = name if name.endswith(".json") else os.path.join(here, f"{name}.json")
+    """A preset shipped in the package (``chameleon_jax/presets/<name>.json``: chameleon-7b,
+    chameleon-30b), or a path to a config.json. Works from an installed wheel."""
+    if name.endswith(".json"):
+        return ChameleonConfig.from_json_file(name)
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+    path = os.path.join(here, f"{name}.json")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(here) if f.endswith(".json"))
+        raise ChameleonError(f"preset {name!r}: no such preset; known presets: {known}")
     return ChameleonConfig.from_json_file(path)

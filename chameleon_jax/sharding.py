@@ -103,7 +103,7 @@ def param_logical_axes(config: ChameleonConfig) -> dict[str, tuple[str, ...]]:
 
 def param_shardings(config: ChameleonConfig, mesh: Mesh, shapes: Mapping[str, tuple] | None = None) -> dict:
     """Flat {param path: NamedSharding} for every param of ``config``."""
-    from .checkpoint import expected_params
+    from .checkpoint.hf import expected_params
 
     shapes = shapes or {k: v.shape for k, v in expected_params(config).items()}
     axes = param_logical_axes(config)

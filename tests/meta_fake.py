@@ -1,6 +1,6 @@
 """Write a fake Meta Chameleon release from a (random) transformers model, for tests.
 
-The inverse of what transformers' converter (and chameleon_jax.meta_format) does:
+The inverse of what transformers' converter (and chameleon_jax.checkpoint.meta) does:
 q/k projections and q/k norm params back to interleaved-RoPE order, model-parallel shards split
 the way Meta's tensor-parallel layers hold them, one q/k LayerNorm per shard, plus Meta's
 ``params.json`` / ``consolidate_params.json``, a taming-style ``vqgan.ckpt`` (with a random

@@ -12,8 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 import chameleon_jax as cj
 from chameleon_jax import ChameleonError
-from chameleon_jax.checkpoint import save_hf
-from chameleon_jax.safetensors_io import SafetensorsFile
+from chameleon_jax.checkpoint.hf import save_hf
+from chameleon_jax.checkpoint.safetensors_io import SafetensorsFile
 from chameleon_jax.demo import build_tiny_checkpoint
 from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
 
@@ -164,7 +164,7 @@ def test_bad_forward_arguments(model):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from chameleon_jax import checkpoint
+    from chameleon_jax.checkpoint import hf as checkpoint
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -11,9 +11,10 @@ import torch
 import transformers
 
 import chameleon_jax as cj
-from chameleon_jax import ChameleonError, checkpoint, cli
-from chameleon_jax.convert import convert, export
-from chameleon_jax.safetensors_io import SafetensorsFile
+from chameleon_jax import ChameleonError, cli
+from chameleon_jax.checkpoint import hf, orbax
+from chameleon_jax.checkpoint.convert import convert, export
+from chameleon_jax.checkpoint.safetensors_io import SafetensorsFile
 from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
 from test_parity import _compare, _hf_logits
 
@@ -27,7 +28,7 @@ def src(tmp_path_factory):
 
 
 def _tensors(directory):
-    source = checkpoint.HFSource(str(directory))
+    source = hf.HFSource(str(directory))
     return {k: source.get(k) for k in source.keys()}
 
 
@@ -82,13 +83,13 @@ def test_dst_exists_refused_unless_overwrite(src, tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").exists()
     assert cli.main(["convert", str(d), str(tmp_path / "out"), "--quiet", "--overwrite"]) == 0
     assert not (tmp_path / "out" / "keep.txt").exists()
-    assert checkpoint.is_orbax_dir(str(tmp_path / "out"))
+    assert orbax.is_orbax_dir(str(tmp_path / "out"))
 
 
 def test_write_failure_midway_leaves_no_dst(src, tmp_path, monkeypatch):
     _, d = src
     calls = {"n": 0}
-    real = checkpoint.convert_tensor
+    real = orbax.convert_tensor
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -96,7 +97,7 @@ def test_write_failure_midway_leaves_no_dst(src, tmp_path, monkeypatch):
             raise OSError("No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(checkpoint, "convert_tensor", flaky)
+    monkeypatch.setattr(orbax, "convert_tensor", flaky)
     with pytest.raises(OSError, match="No space left"):
         convert(str(d), str(tmp_path / "dst"), progress=False)
     assert calls["n"] == 20
@@ -107,8 +108,8 @@ def test_failed_overwrite_keeps_previous(src, tmp_path, monkeypatch):
     _, d = src
     convert(str(d), str(tmp_path / "dst"), progress=False)
     before = sorted(os.listdir(tmp_path / "dst"))
-    monkeypatch.setattr(checkpoint, "write_safetensors", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
-    monkeypatch.setattr(checkpoint, "convert_tensor", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
+    monkeypatch.setattr(orbax, "write_safetensors", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
+    monkeypatch.setattr(orbax, "convert_tensor", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
     with pytest.raises(OSError):
         convert(str(d), str(tmp_path / "dst"), overwrite=True, progress=False)
     assert sorted(os.listdir(tmp_path / "dst")) == before

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 import chameleon_jax as cj
-from chameleon_jax.convert import convert
+from chameleon_jax.checkpoint.convert import convert
 from conftest import build_hf_model, text_ids
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")

@@ -15,7 +15,7 @@ from flax import linen as nn
 import chameleon_jax as cj
 from chameleon_jax.model import init_params
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "chameleon_jax", "presets")
 
 
 def _hf_count(name: str) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 import chameleon_jax as cj
 from chameleon_jax import ChameleonError
-from chameleon_jax.convert import convert
+from chameleon_jax.checkpoint.convert import convert
 from chameleon_jax.sharding import bytes_per_device, logical_to_spec, make_mesh
 from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
 

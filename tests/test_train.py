@@ -11,8 +11,8 @@ import pytest
 from flax import traverse_util
 
 import chameleon_jax as cj
-from chameleon_jax import lora as lora_lib
-from chameleon_jax.train import Trainer
+from chameleon_jax.training import lora as lora_lib
+from chameleon_jax.training import Trainer
 from train_utils import setup, train_config, write_data
 
 
@@ -160,7 +160,7 @@ def test_cli_train_progress_metrics_and_resume_in_a_new_process(env, capsys):
     import subprocess
     import sys
 
-    from chameleon_jax.checkpoint import save_hf
+    from chameleon_jax.checkpoint.hf import save_hf
     from chameleon_jax.cli import main
 
     root, model, proc, data = env
@@ -190,7 +190,7 @@ def test_cli_train_progress_metrics_and_resume_in_a_new_process(env, capsys):
 
 
 def test_bf16_compute_keeps_fp32_master_params(env):
-    from chameleon_jax.train import forward_loss_sums
+    from chameleon_jax.model.loss import forward_loss_sums
 
     root, model, proc, data = env
     tc = train_config(root / "bf16", data, batch_size=4, compute_dtype="bfloat16")
@@ -200,7 +200,7 @@ def test_bf16_compute_keeps_fp32_master_params(env):
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(tr.state["params"]))
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(tr.state["opt_state"]) if x.ndim)
     # the bf16 loss is close to the fp32 one on the same batch (labels as the step resolved them)
-    from chameleon_jax.train import resolve_labels
+    from chameleon_jax.model.loss import resolve_labels
 
     fp32 = cj.ChameleonModel(model.config, model.params).module
     b = jax.tree.map(lambda x: x[0], batch)
@@ -213,9 +213,10 @@ def test_bf16_compute_keeps_fp32_master_params(env):
 
 def test_7b_train_state_shards_evenly_over_fsdp():
     """Abstract (no memory): params, grads' AdamW moments of Chameleon-7B over fsdp=8."""
-    from chameleon_jax.checkpoint import expected_params
+    from chameleon_jax.checkpoint.hf import expected_params
     from chameleon_jax.sharding import param_shardings
-    from chameleon_jax.train import TrainConfig, build_mesh, make_optimizer, state_shardings
+    from chameleon_jax.training.config import TrainConfig
+    from chameleon_jax.training.step import build_mesh, make_optimizer, state_shardings
 
     config = cj.load_preset("chameleon-7b")
     mesh = build_mesh({"data": 1, "fsdp": 8, "tensor": 1})

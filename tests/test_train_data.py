@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import chameleon_jax as cj
-from chameleon_jax.data import IGNORE_INDEX, DataLoader, default_buckets, read_jsonl
-from chameleon_jax.train import TrainConfig
+from chameleon_jax.model.loss import IGNORE_INDEX
+from chameleon_jax.training.data import DataLoader, default_buckets, read_jsonl
+from chameleon_jax.training.config import TrainConfig
 from tokenizer_utils import build_test_tokenizer
 from train_utils import IMAGE_TOKENS, write_data, write_images, write_records
 

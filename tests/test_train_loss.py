@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import chameleon_jax as cj
-from chameleon_jax.checkpoint import _to_hf, hf_name
-from chameleon_jax.train import model_loss
+from chameleon_jax.checkpoint.hf import _to_hf, hf_name
+from chameleon_jax.model.loss import model_loss
 from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
 
 

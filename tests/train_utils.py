@@ -13,7 +13,7 @@ from PIL import Image
 import chameleon_jax as cj
 from chameleon_jax.config import ChameleonConfig, VQConfig
 from chameleon_jax.model import init_params
-from chameleon_jax.train import TrainConfig
+from chameleon_jax.training.config import TrainConfig
 from tokenizer_utils import build_test_tokenizer
 
 IMAGE_TOKENS = 16  # 8x8 px images, 2x downsampling -> 4x4 codes

@@ -300,6 +300,14 @@ class Chameleon(nn.Module):
         Each ``<image>`` placeholder takes the next image token of the images in order (row-major
         over the batch, like transformers' masked_scatter). Returns (logits [B, T, V] fp32, cache).
         """
+        hidden, new_cache = self.hidden_states(input_ids, positions, mask, pixel_values, cache, cache_index)
+        return self.logits(hidden, suppress_image_tokens), new_cache
+
+    def hidden_states(self, input_ids, positions, mask, pixel_values=None, cache=None, cache_index=None):
+        """Like ``__call__`` without the LM head: (final-norm hidden states [B, T, D], cache).
+
+        The decode loop calls this and applies its own head to the last position only.
+        """
         if pixel_values is not None:
             input_ids = self.merge_image_tokens(input_ids, self.image_tokens(pixel_values))
         x = _cast(self.embed_tokens(input_ids), jnp.dtype(self.config.dtype))
@@ -311,7 +319,7 @@ class Chameleon(nn.Module):
             x, layer_cache = layer(x, positions, mask, inv_freq, None if cache is None else cache[name], cache_index)
             if cache is not None:
                 new_cache[name] = layer_cache
-        return self.logits(self.norm(x), suppress_image_tokens), new_cache
+        return self.norm(x), new_cache
 
     def image_tokens(self, pixel_values: Array) -> Array:
         """[N, 3, H, W] -> BPE ids of the image tokens [N, tokens_per_image] int32."""

@@ -1,16 +1,21 @@
-"""VQ-VAE image tokenizer (Make-a-Scene / taming style): encoder and nearest-code quantizer.
+"""VQ-VAE image tokenizer (Make-a-Scene / taming style): encoder, nearest-code quantizer, decoder.
 
 Activations are NHWC; kernels HWIO (PyTorch checkpoints are OIHW, converted on load).
-Parameter paths mirror the HF names (``down_0/block_1/conv1``) so the name table stays regular.
+Parameter paths mirror the HF / Meta names (``down_0/block_1/conv1``, ``up_4/upsample/conv``) so
+the name table stays regular. As in Meta's code, decoder level ``up_i`` holds ``channel_multiplier[i]``
+and the levels run from ``up_{n-1}`` (lowest resolution) down to ``up_0``.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ..config import VQConfig
+from ..errors import ChameleonError
 
 Array = jax.Array
 
@@ -102,13 +107,23 @@ class Downsample(nn.Module):
         return Conv(x.shape[-1], stride=2, padding=((0, 1), (0, 1)), name="conv")(x)
 
 
-class DownLevel(nn.Module):
-    """One resolution level: ResNet blocks (each followed by attention at attn resolutions)."""
+class Upsample(nn.Module):
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, h, w, c = x.shape
+        # Nearest-neighbour x2 (F.interpolate mode="nearest"): every pixel becomes a 2x2 patch.
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c)).reshape(n, 2 * h, 2 * w, c)
+        return Conv(c, name="conv")(x)
+
+
+class Level(nn.Module):
+    """One resolution level: ResNet blocks (each followed by attention at attn resolutions), then
+    an optional ``resample`` ("downsample" for the encoder, "upsample" for the decoder)."""
 
     out_channels: int
     num_blocks: int
     use_attn: bool
-    downsample: bool
+    resample: str = ""
 
     @nn.compact
     def __call__(self, h: Array) -> Array:
@@ -116,8 +131,10 @@ class DownLevel(nn.Module):
             h = ResnetBlock(self.out_channels, name=f"block_{i}")(h)
             if self.use_attn:
                 h = AttnBlock(name=f"attn_{i}")(h)
-        if self.downsample:
+        if self.resample == "downsample":
             h = Downsample(name="downsample")(h)
+        elif self.resample == "upsample":
+            h = Upsample(name="upsample")(h)
         return h
 
 
@@ -146,15 +163,48 @@ class Encoder(nn.Module):
         for level, mult in enumerate(mults):
             last = level == len(mults) - 1
             use_attn = vanilla and res in c.attn_resolutions
-            h = DownLevel(c.base_channels * mult, c.num_res_blocks, use_attn, not last, name=f"down_{level}")(h)
+            resample = "" if last else "downsample"
+            h = Level(c.base_channels * mult, c.num_res_blocks, use_attn, resample, name=f"down_{level}")(h)
             res = res if last else res // 2
         h = Mid(vanilla, name="mid")(h)
         h = swish(GroupNorm(name="norm_out")(h))
         return Conv(2 * c.latent_channels if c.double_latent else c.latent_channels, name="conv_out")(h)
 
 
+class Decoder(nn.Module):
+    """Latents -> image. Each up level has ``num_res_blocks + 1`` ResNet blocks; no tanh at the end.
+
+    Which levels get attention follows the nominal ``config.resolution`` (as Meta's code does), so
+    the parameter tree is fixed by the config while the output size follows the latent grid.
+    """
+
+    config: VQConfig
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:  # [N, h, w, latent] -> [N, h*2^(L-1), w*2^(L-1), C_in]
+        c = self.config
+        mults = c.channel_multiplier
+        vanilla = c.attn_type == "vanilla"
+        h = Conv(c.base_channels * mults[-1], name="conv_in")(z)
+        h = Mid(vanilla, name="mid")(h)
+        res = c.resolution // 2 ** (len(mults) - 1)
+        for level in reversed(range(len(mults))):
+            use_attn = vanilla and res in c.attn_resolutions
+            resample = "upsample" if level else ""
+            out = c.base_channels * mults[level]
+            h = Level(out, c.num_res_blocks + 1, use_attn, resample, name=f"up_{level}")(h)
+            res = res * 2 if level else res
+        h = swish(GroupNorm(name="norm_out")(h))
+        # The reference's out_ch equals in_channels (RGB in, RGB out); VQConfig has no separate field.
+        return Conv(c.in_channels, name="conv_out")(h)
+
+
 class VQVAE(nn.Module):
-    """Encoder + quant_conv + codebook. ``post_quant_conv`` is kept for the image decoder."""
+    """Encoder + quant_conv + codebook, and post_quant_conv + decoder for codes -> pixels.
+
+    ``__call__`` (init) creates the encoder side and ``post_quant_conv`` only, as checkpoints
+    without a decoder hold; ``init(..., method=VQVAE.decode)`` creates the decoder side.
+    """
 
     config: VQConfig
 
@@ -163,6 +213,7 @@ class VQVAE(nn.Module):
         self.encoder = Encoder(c, name="encoder")
         self.quant_conv = Conv(c.embed_dim, kernel=1, name="quant_conv")
         self.post_quant_conv = Conv(c.latent_channels, kernel=1, name="post_quant_conv")
+        self.decoder = Decoder(c, name="decoder")
         self.codebook = self.param(
             "quantize",
             nn.with_logical_partitioning(nn.initializers.uniform(1.0 / c.num_embeddings), ("codes", "code_dim")),
@@ -195,3 +246,20 @@ class VQVAE(nn.Module):
         codes = jnp.argmin(dist, axis=1).astype(jnp.int32)
         quant = book[codes].reshape(n, h, w, e)
         return codes.reshape(n, h * w), quant
+
+    def decode(self, codes: Array) -> Array:
+        """codes [N, h*w] int (raster order, square grid) -> pixels [N, C, H, W] float32, unclamped.
+
+        H = h * 2^(levels-1): a 32x32 grid gives 512x512 with the 7B config.
+        """
+        n, t = codes.shape
+        side = math.isqrt(t)
+        if side * side != t:
+            raise ChameleonError(f"codes: expected a square grid of image codes per row, got {t} codes")
+        quant = jnp.take(self.codebook.astype(jnp.float32), codes.reshape(n, side, side), axis=0)
+        return self.decode_latents(quant)
+
+    def decode_latents(self, quant: Array) -> Array:
+        """Codebook vectors [N, h, w, E] (NHWC) -> pixels [N, C, H, W] float32, unclamped."""
+        x = self.decoder(self.post_quant_conv(quant.astype(jnp.float32)))
+        return jnp.transpose(x, (0, 3, 1, 2))

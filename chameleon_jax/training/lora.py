@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from .errors import ChameleonError
+from ..errors import ChameleonError, read_json
 
 # projection name -> number of leading kernel dims that are input dims
 PROJECTIONS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
@@ -171,8 +171,8 @@ def save_adapters(directory: str, adapters, lcfg: LoraConfig, overwrite: bool = 
     """Write adapters (Orbax) + ``lora.json`` to ``directory``, atomically."""
     import orbax.checkpoint as ocp
 
-    from .checkpoint import atomic_dir
-    from .sharding import to_host
+    from ..checkpoint.hf import atomic_dir
+    from ..sharding import to_host
 
     with atomic_dir(directory, overwrite) as tmp:
         ckpt = ocp.StandardCheckpointer()
@@ -188,11 +188,7 @@ def load_adapters(directory: str) -> tuple[dict, LoraConfig]:
     import orbax.checkpoint as ocp
 
     meta_path = os.path.join(directory, ADAPTERS_FILE)
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ChameleonError(f"{meta_path}: unreadable LoRA adapter metadata ({e})") from None
+    meta = read_json(meta_path, "LoRA adapter metadata")
     meta.pop("format", None)
     lcfg = LoraConfig.from_dict(meta, meta_path)
     adapters = ocp.StandardCheckpointer().restore(os.path.join(directory, "adapters"))

@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import checkpoint as ck
-from .config import ChameleonConfig
-from .errors import ChameleonError
+from . import hf, orbax
+from ..config import ChameleonConfig
+from ..errors import ChameleonError
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", None: None}
 
@@ -41,25 +41,26 @@ def open_source(src: str, model_size: str | None = None):
     src = os.fspath(src)
     if not os.path.exists(src):
         raise ChameleonError(f"{src}: no such file or directory")
-    if ck.is_orbax_dir(src):
+    if orbax.is_orbax_dir(src):
         raise ChameleonError(f"{src}: already a converted (Orbax) checkpoint; use `chameleon-jax export` to go to HF")
     if os.path.isfile(os.path.join(src, "config.json")):
         config = ChameleonConfig.from_json_file(os.path.join(src, "config.json"))
-        source = ck.HFSource(src)
+        source = hf.HFSource(src)
 
         def write_tokenizer(dst: str):
-            for name in ck.TOKENIZER_FILES:
+            for name in orbax.TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(src, name)):
                     shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
         return "hf", config, source, write_tokenizer
-    from . import meta_format
+    from .meta import MetaRelease
+    from .meta_files import is_meta_release
 
-    if meta_format.is_meta_release(src):
-        release = meta_format.MetaRelease(src, model=model_size)
+    if is_meta_release(src):
+        release = MetaRelease(src, model=model_size)
 
         def write_tokenizer(dst: str):
-            from .processing import ChameleonProcessor
+            from ..processing import ChameleonProcessor
 
             ChameleonProcessor.from_pretrained(release.tokenizer_path).save_pretrained(dst)
 
@@ -84,10 +85,10 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     kind, config, source, write_tokenizer = open_source(src, model_size)
     if dtype is not None:
         config = config.replace(dtype=dtype)
-    ck.plan_params(source, config)  # fail on bad input before creating anything
+    hf.plan_params(source, config)  # fail on bad input before creating anything
     extra = source.extra_tensors() if hasattr(source, "extra_tensors") else ()
-    with ck.atomic_dir(dst, overwrite) as tmp:
-        ck.write_orbax(tmp, config, source, dtype, extra, _progress_printer() if progress else None)
+    with hf.atomic_dir(dst, overwrite) as tmp:
+        orbax.write_orbax(tmp, config, source, dtype, extra, _progress_printer() if progress else None)
         write_tokenizer(tmp)
     notes = list(getattr(source, "notes", []))
     if config.vq_config is None:
@@ -102,13 +103,13 @@ def export(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int = 5
     no place in the HF layout and are not exported.
     """
     src = os.fspath(src)
-    if not ck.is_orbax_dir(src):
-        raise ChameleonError(f"{src}: not a converted checkpoint (no {ck.MARKER}); expected `chameleon-jax convert` output")
+    if not orbax.is_orbax_dir(src):
+        raise ChameleonError(f"{src}: not a converted checkpoint (no {orbax.MARKER}); expected `chameleon-jax convert` output")
     config = ChameleonConfig.from_json_file(os.path.join(src, "config.json"))
-    params = ck.read_orbax(src, config)
-    extra = [os.path.join(src, n) for n in ck.TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    params = orbax.read_orbax(src, config)
+    extra = [os.path.join(src, n) for n in orbax.TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
     config = config.replace(dtype=str(np.dtype(next(iter(_leaves(params))).dtype)))
-    ck.save_hf(params, config, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra_files=extra)
+    hf.save_hf(params, config, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra_files=extra)
 
 
 def _leaves(tree):

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
-from .errors import ChameleonError
+from ..errors import ChameleonError
 
 _ST_DTYPES = {
     "F64": np.float64,

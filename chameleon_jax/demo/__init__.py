@@ -8,9 +8,9 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from .checkpoint import save_hf
-from .config import ChameleonConfig, VQConfig
-from .vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SEP_TOKEN, image_code_name
+from ..checkpoint.hf import save_hf
+from ..config import ChameleonConfig, VQConfig
+from ..vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SEP_TOKEN, image_code_name
 
 TINY_NUM_CODES = 256
 
@@ -65,7 +65,7 @@ def tiny_config() -> ChameleonConfig:
 
 def build_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, config: ChameleonConfig | None = None) -> str:
     """Write a random HF-layout checkpoint (config.json + model.safetensors) to ``directory``."""
-    from .model import init_params
+    from ..model import init_params
 
     config = config or tiny_config()
     params = nn.unbox(init_params(config, jax.random.key(seed)))

@@ -10,17 +10,17 @@ import torch
 
 import chameleon_jax as cj
 from chameleon_jax import ChameleonError
-from chameleon_jax.sampling import (
+from chameleon_jax.generation.processors import (
     Mode,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
-    bucket_length,
     choose_tokens,
     safe_softmax,
     sample_from_logits,
 )
+from chameleon_jax.generation.sampler import bucket_length
 from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
 
 PAD, EOS = 3, 2

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from chameleon_jax import ChameleonConfig, ChameleonError, ChameleonModel
-from chameleon_jax.checkpoint import read_params
-from chameleon_jax.meta_format import MetaRelease, intermediate_size, is_meta_release, load_torch_file
+from chameleon_jax.checkpoint.hf import read_params
+from chameleon_jax.checkpoint.meta import MetaRelease
+from chameleon_jax.checkpoint.meta_files import intermediate_size, is_meta_release, load_torch_file
 from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
 from meta_fake import share_norms_per_shard, write_meta_release
 
@@ -307,7 +308,8 @@ def test_torch_missing_names_the_extra(monkeypatch, tmp_path):
 def test_convert_cli_meta_release_end_to_end(thirty, tmp_path, capsys):
     """30B-style release -> convert -> cj.load + processor from DST; logits equal transformers'."""
     import chameleon_jax as cj
-    from chameleon_jax import checkpoint, cli
+    from chameleon_jax import cli
+    from chameleon_jax.checkpoint import orbax as checkpoint
 
     root, hf, decoder = thirty
     dst = tmp_path / "converted"
@@ -329,7 +331,7 @@ def test_convert_cli_meta_release_end_to_end(thirty, tmp_path, capsys):
 
 def test_remapping_shard_files_midway_changes_nothing(seven, monkeypatch):
     """Re-opening the .pth mappings (done every 512 MiB to bound memory) gives the same tensors."""
-    from chameleon_jax import meta_format
+    from chameleon_jax.checkpoint import meta as meta_format
 
     root, hf, _ = seven
     steady = meta_format.MetaRelease(str(root))

@@ -1,0 +1,332 @@
+"""Fine-tuning: the training loop with checkpoints and exact resume (:class:`Trainer`).
+
+The package's pieces, each usable on its own: the loss (:mod:`chameleon_jax.model.loss`), the
+settings (:mod:`.config`), the sharded step and optimizer (:mod:`.step`), JSONL data
+(:mod:`.data`), LoRA (:mod:`.lora`). :class:`Trainer` puts them together: params / grads /
+optimizer state sharded alike over a (data, fsdp, tensor) mesh, AdamW with warmup + cosine
+decay, global-norm clipping, gradient accumulation (a scan over microbatches, normalized by the
+step's total target count, so it equals one big batch), remat, fp32 master params with
+``compute_dtype`` matmuls, frozen VQ-VAE (images become tokens in the data path, before the
+differentiated step), full fine-tuning or LoRA, Orbax checkpoints (state + data position) with
+keep-last-N, metrics JSONL.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..errors import ChameleonError
+from ..model import Chameleon
+from ..sharding import to_host
+from . import lora as lora_lib
+from .config import TrainConfig
+from .step import _tree, build_mesh, make_optimizer, make_train_step, state_shardings
+
+# ------------------------------------------------------------------ trainer
+# TrainConfig fields the jitted step depends on (the rest: paths, data, logging, checkpoints).
+_STEP_KEYS = frozenset({"compute_dtype", "base_dtype", "remat", "loss_on", "train_image_tokens", "z_loss",
+                        "lora", "learning_rate", "warmup_steps", "end_lr_ratio", "steps", "weight_decay",
+                        "adam_b1", "adam_b2", "adam_eps", "max_grad_norm"})
+_STEP_CACHE: dict = {}
+
+
+@functools.lru_cache(maxsize=8)
+def _vq_encoder(vq_config):
+    """Jitted pixel_values [N, 3, H, W] -> VQ codes [N, h*w] (one per VQ config)."""
+    from ..model.vqvae import VQVAE
+
+    module = VQVAE(vq_config)
+    return jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQVAE.encode))
+
+class Trainer:
+    """The fine-tuning loop of a :class:`TrainConfig` (see the module docstring).
+
+    ``model`` (a :class:`chameleon_jax.ChameleonModel`) and ``processor`` may be given instead of
+    loading ``tc.model`` / ``tc.tokenizer``; the model's params are copied, never donated.
+    State: ``state`` = {"step", "params" (trainable: all but the VQ-VAE, or the LoRA adapters),
+    "opt_state", "rng"}; ``frozen`` = the LoRA base params ({} for full fine-tuning).
+    Checkpoints: ``output_dir/checkpoints/<step>/{state, meta}`` (Orbax CheckpointManager; each
+    save is written to a temp dir and renamed, the last ``keep_checkpoints`` are kept); ``meta``
+    holds the step, the data position and the config. A new Trainer on the same output_dir resumes
+    from the latest one (``resume``).
+    """
+
+    def __init__(self, tc: TrainConfig, model=None, processor=None,
+                 log: Callable[[str], None] | None = print):
+        import orbax.checkpoint as ocp
+
+        from ..demo.assets import build_demo_assets
+        from .data import DataLoader, read_jsonl
+        from ..processing import ChameleonProcessor
+        from ..sharding import param_shardings
+
+        self.tc, self.log = tc, log or (lambda _msg: None)
+        self.is_main = jax.process_index() == 0
+        paths = {"model": tc.model, "tokenizer": tc.tokenizer, "data": tc.data}
+        if tc.demo:
+            assets = build_demo_assets(os.path.join(tc.output_dir, "demo-assets"), seed=tc.seed)
+            paths = {k: v or assets[k if k != "tokenizer" else "model"] for k, v in paths.items()}
+        paths["tokenizer"] = paths["tokenizer"] or paths["model"]
+        self.paths = paths
+        self.mesh = mesh = build_mesh(tc.mesh)
+        replicated = NamedSharding(mesh, P())
+
+        # ---- model and params
+        if model is None:
+            from ..api import load
+
+            if paths["model"] is None:
+                raise ChameleonError("train config: model is required")
+            model = load(paths["model"], dtype=tc.base_dtype if tc.lora else "float32", mesh=mesh)
+        self.config = config = model.config.replace(dtype=tc.compute_dtype)
+        self.module = Chameleon(config, remat_policy=tc.remat)
+        flat_sh = param_shardings(config, mesh)
+        flat = traverse_util.flatten_dict(dict(model.params), sep="/")
+        base_dtype = tc.base_dtype if tc.lora else "float32"
+        # A jitted copy: new buffers in the right sharding and dtype (the caller's stay valid).
+        copy = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(base_dtype), t),
+                       out_shardings={k: flat_sh[k] for k in flat if not k.startswith("vqmodel/")})
+        base = _tree(copy({k: v for k, v in flat.items() if not k.startswith("vqmodel/")}))
+        base_sh = _tree({k: v for k, v in flat_sh.items() if not k.startswith("vqmodel/")})
+        vq = _tree({k[len("vqmodel/"):]: to_host(v) for k, v in flat.items()
+                    if k.startswith("vqmodel/")})
+        self.lora = tc.lora
+        if tc.lora is not None:
+            self.frozen, frozen_sh = base, base_sh
+            adapters = lora_lib.init_adapters(tc.lora, base, jax.random.key(tc.lora.seed))
+            param_sh = jax.tree.map(lambda _: replicated, adapters)
+            trainable = jax.device_put(adapters, param_sh)
+        else:
+            self.frozen, frozen_sh = {}, {}
+            trainable, param_sh = base, base_sh
+        self.tx = make_optimizer(tc)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+        self.shardings = state_shardings(self.tx, abstract, param_sh, mesh)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(trainable)
+        self.state = {
+            "step": jax.device_put(jnp.int32(0), replicated),
+            "params": trainable,
+            "opt_state": opt_state,
+            "rng": jax.device_put(jax.random.key_data(jax.random.key(tc.seed)), replicated),
+        }
+        # Trainers with the same model config, mesh and step-relevant settings share one jitted step (and
+        # its compiled programs), e.g. a resumed run in the same process or a notebook re-creating one.
+        relevant = {k: v for k, v in tc.to_dict().items() if k in _STEP_KEYS}
+        key = (config, mesh, json.dumps(relevant, sort_keys=True))
+        if key not in _STEP_CACHE:
+            while len(_STEP_CACHE) >= 4:  # bounded: each entry holds compiled programs
+                _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+            _STEP_CACHE[key] = make_train_step(self.module, self.tx, tc, self.shardings, frozen_sh, mesh,
+                                               tc.lora)
+        self._step_fn = _STEP_CACHE[key]
+
+        # ---- frozen VQ-VAE, on one local device: images -> tokens in the data path
+        self._vq = None
+        if vq and config.vq_config is not None:
+            self._vq = jax.device_put(vq, jax.local_devices()[0])
+            self._encode = _vq_encoder(config.vq_config)
+
+        # ---- data
+        self.processor = processor or ChameleonProcessor.from_pretrained(
+            paths["tokenizer"], normalization=tc.image_normalization)
+        if paths["data"] is None:
+            raise ChameleonError("train config: data is required")
+        self.dataset = read_jsonl(paths["data"], self.processor, max_length=tc.max_length,
+                                  truncate=tc.truncate, skip_bad_lines=tc.skip_bad_lines,
+                                  append_eos=tc.append_eos)
+        self.loader = DataLoader(self.dataset, self.processor, batch_size=tc.batch_size,
+                                 grad_accum=tc.grad_accum, seed=tc.seed, max_length=tc.max_length,
+                                 buckets=tc.buckets,
+                                 length_grouping=tc.length_grouping, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+
+        # ---- checkpoints
+        self.step = 0
+        self.history: list[dict] = []
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(tc.output_dir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, create=True,
+                                                 enable_async_checkpointing=False,
+                                                 cleanup_tmp_directories=True),  # half-written saves
+            item_names=("state", "meta"),
+        )
+        self.metrics_path = tc.metrics_file or os.path.join(tc.output_dir, "metrics.jsonl")
+        if tc.resume and self.manager.latest_step() is not None:
+            self.restore()
+
+    # ------------------------------------------------------------------ batches
+    def prepare(self, batch: dict) -> dict:
+        """A host batch from the loader -> global device arrays, image placeholders replaced by the
+        frozen VQ-VAE's tokens (computed here once per batch, never differentiated)."""
+        ids = batch["input_ids"].copy()
+        pixels = batch.get("pixel_values")
+        if pixels is not None:
+            if self._vq is None:
+                raise ChameleonError("data: records hold images but the model has no VQ-VAE (vq_config)")
+            n = len(pixels)
+            padded = np.zeros((1 << (n - 1).bit_length(),) + pixels.shape[1:], np.float32)  # few compiles
+            padded[:n] = pixels
+            codes = np.asarray(self._encode(self._vq, padded))[:n]
+            tokens = self.config.image_vocab.code_to_bpe[codes]
+            slots = ids == self.config.image_vocab.image_token_id
+            if slots.sum() != tokens.size:
+                raise ChameleonError(
+                    f"data: batch holds {slots.sum()} <image> slots but {n} image(s) give {tokens.size}")
+            ids[slots] = tokens.reshape(-1)
+        from ..sharding import logical_to_spec
+
+        out = {}
+        host = {"input_ids": ids, "labels": batch["labels"], "attention_mask": batch["attention_mask"]}
+        for key, local in host.items():
+            shape = (local.shape[0], local.shape[1] * jax.process_count(), local.shape[2])
+            sharding = NamedSharding(self.mesh, logical_to_spec((None, "batch", None), shape, self.mesh))
+            out[key] = jax.make_array_from_process_local_data(sharding, local, shape)
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on a prepared batch; returns the (device) metrics."""
+        self.state, metrics = self._step_fn(self.state, self.frozen, batch)
+        self.step += 1
+        return metrics
+
+    def run(self, max_steps: int | None = None) -> list[dict]:
+        """Train until ``tc.steps`` (or ``max_steps`` more); checkpoint every ``checkpoint_every``
+        steps and at the end. Returns the metrics of the steps run (also in ``history``)."""
+        tc = self.tc
+        target = tc.steps if max_steps is None else min(tc.steps, self.step + max_steps)
+        pending, t0, start = [], time.perf_counter(), len(self.history)
+        self._compile_window = True  # the first window's tokens/s includes compiling the step
+        while self.step < target:
+            batch = next(self.loader)
+            metrics = self.train_step(self.prepare(batch))
+            pending.append((self.step, batch["epoch"], batch["index"], metrics))
+            if self.step % tc.log_every == 0 or self.step == target:
+                t0 = self._flush(pending, t0)
+                pending = []
+            if self.step % tc.checkpoint_every == 0 and self.step < target:
+                self.save()
+        if self.manager.latest_step() != self.step:
+            self.save()
+        if tc.export_final and self.step == tc.steps:
+            self.export(os.path.join(tc.output_dir, "final"))
+        return self.history[start:]
+
+    def _flush(self, pending, t0) -> float:
+        t1 = time.perf_counter()
+        values = [jax.tree.map(to_host, m) for *_, m in pending]
+        tokens = sum(int(v["tokens"]) for v in values)
+        tps = tokens / max(t1 - t0, 1e-9)
+        records = []
+        for (step, epoch, index, _), v in zip(pending, values):
+            rec = {"step": step, "loss": float(v["loss"]), "lr": float(v["lr"]),
+                   "grad_norm": float(v["grad_norm"]), "tokens": int(v["tokens"]),
+                   "targets": int(v["targets"]), "tokens_per_s": tps, "epoch": int(epoch),
+                   "index": int(index)}
+            if self.tc.z_loss:
+                rec["z_loss"] = float(v["z_loss"])
+            records.append(rec)
+        self.history += records
+        if self.is_main:
+            os.makedirs(os.path.dirname(os.path.abspath(self.metrics_path)), exist_ok=True)
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps(rec) + "\n")
+            r = records[-1]
+            note = " (incl. compile)" if self._compile_window else ""
+            self.log(f"step {r['step']}/{self.tc.steps}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  "
+                     f"grad_norm {r['grad_norm']:.3f}  {tps:,.0f} tok/s{note}  "
+                     f"epoch {r['epoch']} example {r['index']}")
+        self._compile_window = False
+        return time.perf_counter()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self) -> dict:
+        return {"step": self.step, "data": self.loader.state_dict(), "train_config": self.tc.to_dict(),
+                "lora": None if self.lora is None else self.lora.to_dict()}
+
+    def save(self) -> None:
+        import orbax.checkpoint as ocp
+
+        self.manager.save(self.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self.state), meta=ocp.args.JsonSave(self._meta())), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int | None = None) -> None:
+        """Load the train state and data position of checkpoint ``step`` (default: the latest)."""
+        import orbax.checkpoint as ocp
+
+        step = self.manager.latest_step() if step is None else step
+        where = os.path.join(self.tc.output_dir, "checkpoints", str(step))
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved_lora, lora = meta.get("lora"), None if self.lora is None else self.lora.to_dict()
+        if saved_lora != lora:
+            raise ChameleonError(f"{where}: checkpoint has lora={saved_lora}, the config has {lora}; "
+                                 "use another output_dir")
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                self.state, self.shardings)
+        try:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            restored = self.manager.restore(step, args=args)
+        except Exception as e:  # Orbax raises many types; name the directory
+            raise ChameleonError(
+                f"{where}: cannot restore the train state ({type(e).__name__}: {e})") from None
+        self.state = restored["state"]
+        self.loader.load_state_dict(meta["data"])
+        self.step = int(meta["step"])
+        self.log(f"resumed from {where} (step {self.step}, epoch {self.loader.epoch}, "
+                 f"example {self.loader.index})")
+
+    def close(self) -> None:
+        """Wait for and release the checkpoint manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # ------------------------------------------------------------------ results
+    def params(self, merged: bool = True) -> dict:
+        """Full inference params (VQ-VAE included); LoRA adapters merged unless ``merged=False``
+        (then the base params alone)."""
+        p = self.state["params"]
+        if self.lora is not None:
+            p = lora_lib.merge(self.frozen, p, self.lora) if merged else self.frozen
+        out = dict(p)
+        if self._vq is not None:
+            out["vqmodel"] = self._vq
+        return out
+
+    def model(self, merged: bool = True):
+        """A :class:`chameleon_jax.ChameleonModel` of the current params (float32 compute)."""
+        from ..api import ChameleonModel
+
+        params = jax.tree.map(lambda x: jax.device_put(to_host(x)), self.params(merged))
+        return ChameleonModel(self.config.replace(dtype="float32"), params)
+
+    def export(self, directory: str) -> str:
+        """Write an HF-layout checkpoint (float32, adapters merged) + tokenizer files to ``directory``;
+        with LoRA also the adapters alone to ``directory``-adapters."""
+        from ..checkpoint.hf import save_hf
+        from ..checkpoint.orbax import TOKENIZER_FILES
+
+        tok_dir = self.paths["tokenizer"]
+        extra = [os.path.join(tok_dir, f) for f in TOKENIZER_FILES
+                 if tok_dir and os.path.isfile(os.path.join(tok_dir, f))]
+        params = jax.tree.map(lambda x: to_host(x).astype(np.float32), self.params())
+        if self.is_main:
+            save_hf(params, self.config.replace(dtype="float32"), directory, overwrite=True,
+                    extra_files=extra)
+            if self.lora is not None:
+                lora_lib.save_adapters(directory.rstrip("/") + "-adapters", self.state["params"], self.lora,
+                                       overwrite=True)
+        self.log(f"exported {directory}")
+        return directory
+
