@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoint.hf import read_hf_params
+from .checkpoint.hf import has_vq_decoder, read_hf_params
 from .checkpoint.orbax import is_orbax_dir, read_orbax
 from .config import ChameleonConfig
 from .errors import ChameleonError
@@ -22,8 +22,15 @@ _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
 
 
-def _forward(module, params, input_ids, attention_mask, position_ids, pixel_values, suppress_image_tokens):
+def _forward(module, params, input_ids, attention_mask, position_ids, pixel_values, suppress_image_tokens,
+             hidden_states=False):
     mask = causal_mask(attention_mask)
+    if hidden_states:  # Chameleon.hidden_states sows them into "intermediates"
+        (logits, _), state = module.apply(
+            {"params": params}, input_ids, position_ids, mask, pixel_values,
+            suppress_image_tokens=suppress_image_tokens, mutable=["intermediates"],
+        )
+        return logits, tuple(x.astype(jnp.float32) for x in state["intermediates"]["hidden_states"])
     logits, _ = module.apply(
         {"params": params}, input_ids, position_ids, mask, pixel_values,
         suppress_image_tokens=suppress_image_tokens,
@@ -43,7 +50,8 @@ class ChameleonModel:
     def __post_init__(self):
         self.module = Chameleon(self.config)
         self._logits_fn = jax.jit(
-            lambda *a, suppress: _forward(self.module, *a, suppress), static_argnames=("suppress",)
+            lambda *a, suppress, hidden=False: _forward(self.module, *a, suppress, hidden),
+            static_argnames=("suppress", "hidden"),
         )
         self._image_fn = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=Chameleon.image_tokens))
 
@@ -101,16 +109,22 @@ class ChameleonModel:
 
     # ------------------------------------------------------------------ public
     def logits(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None,
-               suppress_image_tokens: bool = True) -> np.ndarray:
+               suppress_image_tokens: bool = True, output_hidden_states: bool = False):
         """Next-token logits [B, T, V] float32 (numpy).
 
         Default positions count from each row's first real token, so left padding changes
         nothing. Image-token logits are set to the float32 minimum, as transformers does, unless
-        ``suppress_image_tokens=False`` (image generation).
+        ``suppress_image_tokens=False`` (image generation). ``output_hidden_states=True`` returns
+        ``(logits, hidden_states)`` instead, hidden_states being transformers' tuple of
+        num_hidden_layers + 1 float32 arrays [B, T, D]: the embeddings (image tokens merged), each
+        layer's output but the last, and the final-norm output.
         """
         ids, mask, pos, pixels = self._check_inputs(input_ids, attention_mask, pixel_values, position_ids)
         ids, mask, pos, pixels = self.put_batch(ids, mask, pos, pixels)
-        out = self._logits_fn(self.params, ids, mask, pos, pixels, suppress=suppress_image_tokens)
+        out = self._logits_fn(self.params, ids, mask, pos, pixels, suppress=suppress_image_tokens,
+                              hidden=bool(output_hidden_states))
+        if output_hidden_states:
+            return to_host(out[0]), tuple(to_host(h) for h in out[1])
         return to_host(out)
 
     def put_batch(self, *arrays):
@@ -121,10 +135,82 @@ class ChameleonModel:
 
     def image_tokens(self, pixel_values) -> np.ndarray:
         """pixel_values [N, 3, H, W] -> BPE ids of the image tokens [N, tokens_per_image]."""
-        if self.config.vq_config is None:
+        vq = self.config.vq_config
+        if vq is None:
             raise ChameleonError("pixel_values: this checkpoint has no vq_config (no image tokenizer)")
-        (pixels,) = self.put_batch(np.asarray(pixel_values, np.float32))
+        pixels = np.asarray(pixel_values, np.float32)
+        want = (vq.in_channels, vq.resolution, vq.resolution)
+        if pixels.ndim != 4 or pixels.shape[1:] != want:
+            raise ChameleonError(f"pixel_values: expected [N, {want[0]}, {want[1]}, {want[2]}] (N images), "
+                                 f"got shape {pixels.shape}")
+        (pixels,) = self.put_batch(pixels)
         return to_host(self._image_fn(self.params, pixels))
+
+    # ------------------------------------------------------------------ image ids -> pixels
+    def _check_image_ids(self, image_ids) -> np.ndarray:
+        """image_ids [N, image_seq_length] or [image_seq_length] -> int32 [N, image_seq_length]."""
+        vq = self.config.vq_config
+        if vq is None:
+            raise ChameleonError("image_ids: this checkpoint has no vq_config (no VQ-VAE), so it cannot "
+                                 "decode images")
+        if not has_vq_decoder(self.params):
+            raise ChameleonError(
+                "image_ids: this checkpoint has no VQ-GAN decoder (model.vqmodel.decoder.*), which turns "
+                "image tokens into pixels; transformers' Chameleon checkpoints (e.g. facebook/chameleon-7b) "
+                "leave it out. Get one by converting Meta's original release, whose tokenizer/vqgan.ckpt holds it "
+                "(`chameleon-jax convert RELEASE_DIR DST`), or load an HF conversion that carries the "
+                "model.vqmodel.decoder.* tensors"
+            )
+        ids = np.asarray(image_ids)
+        n = vq.tokens_per_image
+        if ids.ndim not in (1, 2) or ids.shape[-1] != n or not np.issubdtype(ids.dtype, np.integer):
+            raise ChameleonError(f"image_ids: expected integer BPE ids of image tokens shaped [N, {n}] or "
+                                 f"[{n}] (image_seq_length {n}), got {ids.dtype} {ids.shape}")
+        flat = ids[None] if ids.ndim == 1 else ids
+        vocab = self.config.image_vocab
+        codes = vocab.bpe_to_codes(flat)
+        bad = (codes < 0) | (codes >= vq.num_embeddings)
+        if bad.any():
+            r, c = (int(i) for i in np.argwhere(bad)[0])
+            where = f"image_ids[{c}]" if ids.ndim == 1 else f"image_ids[{r}, {c}]"
+            if codes[r, c] < 0:
+                span = vocab.image_token_ids
+                known = f"ids {span.min()}..{span.max()}" if len(span) else "none in this vocabulary"
+                why = f"is not an image token (the BPE ids of IMGIMG* names: {known})"
+            else:
+                why = f"is image code {codes[r, c]}, but the VQ codebook holds {vq.num_embeddings} codes"
+            raise ChameleonError(f"{where} = {flat[r, c]} {why}; {int(bad.sum())} such id(s) in all")
+        return flat.astype(np.int32)
+
+    def decode_pixels(self, image_ids) -> np.ndarray:
+        """BPE ids of image tokens (what :meth:`image_tokens` returns), [N, image_seq_length] or
+        [image_seq_length] -> pixels float32 numpy [N, 3, H, W] (H = W = vq_config.resolution): the
+        VQ-GAN decoder's output, unclamped (about [-1, 1]).
+
+        Needs a checkpoint with the VQ-GAN decoder. Jitted; on a mesh the batch is split over it.
+        The whole batch is decoded at once (a 512x512 image takes ~1 GB of fp32 activations).
+        """
+        ids = self._check_image_ids(image_ids)
+        if ids.shape[0] == 0:
+            r = self.config.vq_config.resolution
+            return np.zeros((0, self.config.vq_config.in_channels, r, r), np.float32)
+        if "_decode_fn" not in self.__dict__:
+            self._decode_fn = jax.jit(
+                lambda p, x: self.module.apply({"params": p}, x, method=Chameleon.decode_pixels))
+        (ids,) = self.put_batch(ids)
+        return to_host(self._decode_fn(self.params, ids))
+
+    def decode_images(self, image_ids) -> list:
+        """Like :meth:`decode_pixels`, as RGB PIL images: Meta's conversion (clamp to [-1, 1],
+        ``(x + 1) / 2 * 255``, truncated to uint8), one image per row."""
+        from PIL import Image
+
+        pixels = self.decode_pixels(image_ids)
+        if pixels.shape[1] != 3:
+            raise ChameleonError(f"decode_images: the VQ-GAN decodes {pixels.shape[1]} channel(s); "
+                                 "PIL RGB images need 3 (use decode_pixels)")
+        unit = ((np.clip(pixels, -1.0, 1.0) + 1.0) / 2.0).transpose(0, 2, 3, 1)
+        return [Image.fromarray((a * 255).astype(np.uint8)) for a in unit]
 
     # ------------------------------------------------------------------ generation
     def _generation_inputs(self, input_ids, attention_mask, pixel_values, settings):
@@ -197,6 +283,57 @@ class ChameleonModel:
         )
         return gen.stream(self.params, ids, mask, pixels, settings, int(chunk_size))
 
+    def generate_image(self, input_ids, attention_mask=None, pixel_values=None, *,
+                       guidance_scale_text: float = 3.0, guidance_scale_image: float = 1.2,
+                       do_sample: bool = True, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 0,
+                       seed: int = 0, progress=None) -> np.ndarray:
+        """Generate one image per left-padded prompt: BPE ids of image tokens, int32 numpy
+        [B, image_seq_length] (turn them into pictures with :meth:`decode_images`).
+
+        Meta's image mode: the prompt gets a begin-of-image token if it lacks one; three streams
+        per prompt (the prompt; its images alone; nothing) are mixed by classifier-free guidance,
+        ``u + guidance_scale_image * (i - u) + guidance_scale_text * (f - i)``, over the image
+        tokens only, then ``temperature``, ``top_k`` (0 = off) and ``top_p`` (1 = off) and a draw
+        (argmax unless ``do_sample``). Both scales 1 = no guidance (the prompt's stream alone).
+        All prompts x streams run in one jitted prefill and on-device loop of exactly
+        image_seq_length steps. ``seed`` makes draws reproducible per prompt (a prompt's draws depend
+        on the seed, its row index and the step). ``progress(done, total)``, if given, is called as
+        tokens come out: the same compiled loop then runs in chunks of 64 steps (a host sync each).
+        Details: :mod:`chameleon_jax.generation.image`.
+        """
+        gen, rows, pixels, loop, kw = self._image_inputs(
+            input_ids, attention_mask, pixel_values,
+            (guidance_scale_text, guidance_scale_image, do_sample, temperature, top_p, top_k, seed))
+        if progress is None:
+            return gen.generate(self.params, *rows, pixels, loop, **kw)
+        chunks = []
+        for chunk in gen.stream(self.params, *rows, pixels, loop, 64, **kw):
+            chunks.append(chunk)
+            progress(sum(c.shape[1] for c in chunks), loop.max_new_tokens)
+        return np.concatenate(chunks, axis=1)
+
+    def image_logits(self, input_ids, attention_mask=None, pixel_values=None, *, guidance_scale_text: float = 3.0,
+                     guidance_scale_image: float = 1.2) -> np.ndarray:
+        """The guided logits image mode draws its first token from: float32 numpy [B, num_codes],
+        column c = VQ code c (BPE id ``config.image_vocab.code_to_bpe[c]``), before temperature and
+        filtering. For checks and research (e.g. scoring images under a prompt)."""
+        gen, rows, pixels, _, kw = self._image_inputs(
+            input_ids, attention_mask, pixel_values, (guidance_scale_text, guidance_scale_image))
+        return gen.next_logits(self.params, *rows, pixels, **kw)
+
+    def _image_inputs(self, input_ids, attention_mask, pixel_values, settings):
+        from .generation.image import ImageSettings, build_streams
+
+        gen, ids, mask, pixels, _ = self._generation_inputs(
+            input_ids, attention_mask, pixel_values, self._settings(1, False, 1.0, 0, 1.0, 0, 1.0, None, 0))
+        isettings = ImageSettings(*settings)
+        longest = build_streams(ids, mask, self.config, 1)[3]
+        isettings, loop = isettings.validate(self.config, longest)
+        rows, row_mask, order, _ = build_streams(ids, mask, self.config, isettings.streams)
+        kw = dict(modality="image", streams=isettings.streams, image_order=order if pixels is not None else None,
+                  guidance=(isettings.guidance_scale_text, isettings.guidance_scale_image))
+        return gen, (rows, row_mask), pixels, loop, kw
+
     # ------------------------------------------------------------------ training loss (model/loss.py)
     def loss(self, input_ids, labels=None, attention_mask=None, pixel_values=None, position_ids=None, *,
              loss_mask=None, loss_on: str = "all", image_targets: bool = False, z_loss: float = 0.0) -> float:
@@ -258,6 +395,18 @@ def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None) -> C
         put = (lambda p, a: jax.device_put(a, shardings[p])) if shardings is not None else None
         params = read_hf_params(path, config, dtype=dtype, put=put)
     if dtype is None:
-        leaves = jax.tree.leaves(params)
-        config = config.replace(dtype=str(leaves[0].dtype) if leaves else "float32")
+        config = config.replace(dtype=_params_dtype(params))
     return ChameleonModel(config, params, mesh=mesh)
+
+
+def _params_dtype(params) -> str:
+    """The compute dtype params imply: the floating dtype holding most of the decoder's elements
+    (ties: the wider). The VQ-VAE, which computes in its own params' dtype, does not count."""
+    counts: dict[str, int] = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        if getattr(path[0], "key", None) == "vqmodel" or not jnp.issubdtype(x.dtype, jnp.floating):
+            continue
+        counts[str(x.dtype)] = counts.get(str(x.dtype), 0) + int(np.prod(x.shape))
+    if not counts:
+        return "float32"
+    return max(counts, key=lambda d: (counts[d], np.dtype(d).itemsize))

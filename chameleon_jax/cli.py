@@ -67,13 +67,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                           model_size=args.model_size)
     print(f"converted {kind} checkpoint {args.src} -> {args.dst}")
     for note in notes:
-        print(f"note: {note}")
+        print(note if note.startswith("warning: ") else f"note: {note}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint.convert import export
 
+    if not args.max_shard_gb > 0:
+        raise ChameleonError(f"--max-shard-gb: expected a size in GiB > 0, got {args.max_shard_gb}")
     export(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"exported {args.src} -> {args.dst} (HF safetensors)")
     return 0
@@ -113,10 +115,46 @@ def _generate_demo_processor(config):
                               image_seq_length=config.vq_config.tokens_per_image)
 
 
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """What can be checked before the (slow) model load, naming the flag."""
+    import math
+    import os
+
+    def need(ok: bool, flag: str, want: str, got) -> None:
+        if not ok:
+            raise ChameleonError(f"{flag}: expected {want}, got {got}")
+
+    image = args.mode == "image"
+    if args.temperature is None:
+        args.temperature = 0.7 if image else 0.0
+    if args.top_p is None:
+        args.top_p = 0.9 if image and args.temperature > 0 else 1.0
+    if image:
+        need(args.out is not None, "--out", "a PNG path for --mode image", None)
+        need(args.num_images >= 1, "--num-images", "an integer >= 1", args.num_images)
+        for flag, v in (("--cfg-text", args.cfg_text), ("--cfg-image", args.cfg_image)):
+            need(math.isfinite(v) and v >= 0, flag, "a finite number >= 0 (1 = off)", v)
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        need(os.path.isdir(out_dir), "--out", "a file in an existing directory", args.out)
+    need(args.max_new_tokens >= 1, "--max-new-tokens", "an integer >= 1", args.max_new_tokens)
+    need(math.isfinite(args.temperature), "--temperature", "a finite number >= 0 (0 = greedy)", args.temperature)
+    need(args.top_k >= 0, "--top-k", "an integer >= 0 (0 = off)", args.top_k)
+    need(0.0 <= args.top_p <= 1.0, "--top-p", "a value in [0, 1] (1 = off)", args.top_p)
+    need(math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0, "--repetition-penalty",
+         "a number > 0 (1 = off)", args.repetition_penalty)
+    need(args.chunk_size >= 1, "--chunk-size", "an integer >= 1", args.chunk_size)
+    for image in args.image or []:
+        if not os.path.isfile(image):
+            raise ChameleonError(f"--image {image}: no such file")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise ChameleonError(f"--model {args.model}: no such directory")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from . import load
     from .processing import ChameleonProcessor
 
+    _check_generate_args(args)
     if args.temperature < 0:
         raise ChameleonError(f"--temperature: expected >= 0 (0 = greedy), got {args.temperature}")
     sampling = args.temperature > 0
@@ -140,6 +178,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     batch = proc(text=[prompt], images=images or None, return_for_text_completion=args.text_completion)
     t1 = time.perf_counter()
     print(f"loaded in {t1 - t0:.1f}s; prompt: {batch['input_ids'].shape[1]} tokens", file=sys.stderr)
+    if args.mode == "image":
+        return _generate_images(args, model, batch, sampling, t1)
     stream = model.generate_stream(
         batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
         max_new_tokens=args.max_new_tokens, do_sample=sampling, temperature=args.temperature or 1.0,
@@ -167,11 +207,45 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_images(args: argparse.Namespace, model, batch, sampling: bool, t1: float) -> int:
+    import os
+
+    import numpy as np
+
+    n = args.num_images
+    ids, mask = np.repeat(batch["input_ids"], n, 0), np.repeat(batch["attention_mask"], n, 0)
+    pixels = batch.get("pixel_values")
+    if pixels is not None and n > 1:
+        pixels = np.concatenate([pixels] * n)  # each copy of the prompt takes its own images, in order
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rimage tokens {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    codes = model.generate_image(ids, mask, pixels, guidance_scale_text=args.cfg_text,
+                                 guidance_scale_image=args.cfg_image, do_sample=sampling,
+                                 temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                                 seed=args.seed, progress=progress)
+    t2 = time.perf_counter()
+    images = model.decode_images(codes)
+    stem, ext = os.path.splitext(args.out)
+    paths = [args.out] if n == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
+    for image, path in zip(images, paths):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)  # a failed write leaves any previous file intact
+        print(path)
+    print(f"{n} image(s), {codes.shape[1]} tokens each, in {t2 - t1:.2f}s (includes compiling); decoded in "
+          f"{time.perf_counter() - t2:.2f}s", file=sys.stderr)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from .training import TrainConfig, Trainer
 
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ChameleonError(f"--max-steps: expected an integer >= 1, got {args.max_steps}")
     tc = TrainConfig.from_json_file(args.config, args.set)
     trainer = Trainer(tc)
     try:
@@ -184,7 +258,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="chameleon-jax", description="Meta's Chameleon in JAX/Flax.")
+    p.add_argument("--version", action="version", version=f"chameleon-jax {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser(
         "demo",
@@ -229,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize --prompt (with --image files) with the checkpoint's processor, generate "
         "with a jitted prefill + on-device decode loop and print the text as it streams. Greedy unless "
         "--temperature > 0. Without --model, runs the demo's tiny random checkpoint (random text; no "
-        "downloads). Timing goes to stderr, text to stdout.",
+        "downloads). Timing goes to stderr, text to stdout. With --mode image it draws images instead "
+        "(--out, --num-images, --cfg-text, --cfg-image; sampling with --temperature 0.7 --top-p 0.9 unless "
+        "given, as Meta's defaults) and reports progress on stderr.",
     )
     g.add_argument("--model", metavar="DIR", default=None,
                    help="checkpoint directory (HF layout or converted) holding the tokenizer files too; "
@@ -241,14 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image file; repeat for several, in the order of the <image> placeholders")
     g.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="most tokens to generate; stops earlier at the end-of-sequence token (default 32)")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 (default) is greedy decoding, > 0 samples")
+    g.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="sampling temperature; 0 is greedy decoding, > 0 samples (default: 0 in text mode, "
+                   "0.7 in image mode)")
     g.add_argument("--top-k", type=int, default=0, metavar="K",
                    help="sample only among the K most likely tokens (0 = off, default; needs "
                    "--temperature > 0)")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling: the smallest set of tokens with probability >= P (1 = off, "
-                   "default; needs --temperature > 0)")
+    g.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling: the smallest set of tokens with probability >= P (1 = off; "
+                   "default 1 in text mode, 0.9 in image mode; needs --temperature > 0)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random draws when sampling (default 0)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                    help="transformers' repetition penalty on tokens already present (1 = off, default)")
@@ -259,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="params and compute dtype (default float32; bfloat16 for TPU/GPU)")
     g.add_argument("--chunk-size", type=int, default=8, metavar="N",
                    help="tokens generated per on-device loop between prints (default 8)")
+    g.add_argument("--mode", choices=["text", "image"], default="text",
+                   help="text (default): generate text; image: generate images (Meta's image mode with "
+                   "classifier-free guidance) and write them as PNG files to --out")
+    g.add_argument("--out", metavar="FILE.png", default=None,
+                   help="--mode image: where to write the image (required); with --num-images N > 1, "
+                   "FILE-0.png .. FILE-<N-1>.png")
+    g.add_argument("--num-images", type=int, default=1, metavar="N",
+                   help="--mode image: images to draw for the prompt, in one batch (seeds differ per image; default 1)")
+    g.add_argument("--cfg-text", type=float, default=3.0, metavar="S",
+                   help="--mode image: guidance scale of the text condition (default 3.0; 1 with --cfg-image 1 = "
+                   "no guidance)")
+    g.add_argument("--cfg-image", type=float, default=1.2, metavar="S",
+                   help="--mode image: guidance scale of the image condition (default 1.2)")
     g.set_defaults(func=_cmd_generate)
     t = sub.add_parser(
         "train",
@@ -282,12 +376,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _as_flag(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """An error naming an argument by its Python name (``max_new_tokens: ...``, as the library
+    says it) names the command's flag instead (``--max-new-tokens: ...``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            for a in action.choices[command]._actions:
+                if a.option_strings and message.startswith(f"{a.dest}:"):
+                    return a.option_strings[-1] + message[len(a.dest):]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ChameleonError as e:
-        print(f"chameleon-jax: error: {e}", file=sys.stderr)
+        print(f"chameleon-jax: error: {_as_flag(str(e), parser, args.command)}", file=sys.stderr)
         return 2
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
@@ -24,6 +26,28 @@ _HF_GENERIC_KEYS = frozenset(
 )
 _VQ_GENERIC_KEYS = frozenset({"model_type", "initializer_range", "transformers_version", "dtype", "torch_dtype"})
 _ROPE_TYPES = ("default", "linear", "dynamic")
+# HF spellings read by from_hf_dict besides the dataclass fields (for "did you mean" suggestions).
+_HF_SPELLINGS = frozenset({"model_type", "rope_parameters", "rope_scaling", "rope_theta", "vq_config",
+                           "vocabulary_map", "eos_token_id"})
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "model_parallel_size")
+_FLOAT_FIELDS = ("rms_norm_eps", "qk_norm_eps", "rope_theta")
+_BOOL_FIELDS = ("attention_bias", "mlp_bias", "tie_word_embeddings", "swin_norm")
+
+
+def _unknown_note(names, known) -> str:
+    """``a, b (did you mean c?)``: each unknown name with the closest known one, if any is close."""
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name.rsplit(".", 1)[-1], sorted(known), n=1, cutoff=0.85)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return ", ".join(parts)
+
+
+def _warn_unknown(source: str, names, known) -> None:
+    warnings.warn(f"{source}: ignoring field(s) this project does not know: {_unknown_note(names, known)}. "
+                  "transformers writes extra fields it was given; a misspelled one here means its default is used",
+                  stacklevel=4)
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -50,11 +74,16 @@ class VQConfig:
         return side * side
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "vq_config") -> "VQConfig":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "vq_config", unknown_out: list | None = None) -> "VQConfig":
+        """Unknown fields are ignored with a warning (or appended to ``unknown_out``, for the caller's)."""
+        if not isinstance(d, Mapping):
+            raise ChameleonError(f"{source}: expected a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - _VQ_GENERIC_KEYS)
-        if unknown:
-            raise ChameleonError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+        if unknown and unknown_out is not None:
+            unknown_out.extend(unknown)
+        elif unknown:
+            _warn_unknown(source, unknown, names)
         kw = {k: v for k, v in d.items() if k in names}
         kw["channel_multiplier"] = tuple(int(c) for c in kw.get("channel_multiplier", cls.channel_multiplier))
         kw["attn_resolutions"] = tuple(int(r) for r in (kw.get("attn_resolutions") or ()))
@@ -172,7 +201,8 @@ class ChameleonConfig:
         if theta is not None:
             kw["rope_theta"] = float(theta)
         vq = d.pop("vq_config", None)
-        kw["vq_config"] = VQConfig.from_dict(vq, f"{source}: vq_config") if vq is not None else None
+        vq_unknown: list[str] = []
+        kw["vq_config"] = VQConfig.from_dict(vq, f"{source}: vq_config", vq_unknown) if vq is not None else None
         vm = d.pop("vocabulary_map", None)
         kw["vocabulary_map"] = dict(vm) if vm is not None else None
         eos = d.pop("eos_token_id", 2)
@@ -180,16 +210,21 @@ class ChameleonConfig:
         if d.get("num_key_value_heads") is None:
             d["num_key_value_heads"] = d["num_attention_heads"]
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_type", "rope_factor", "dtype"}
-        unknown = sorted(set(d) - names - _HF_GENERIC_KEYS)
+        # transformers' save_pretrained writes any kwarg it was given (hidden_dropout_prob, ...) and
+        # loads such files: so do we, saying which fields were ignored. Known fields stay strict.
+        unknown = sorted(set(d) - names - _HF_GENERIC_KEYS) + [f"vq_config.{k}" for k in vq_unknown]
         if unknown:
-            raise ChameleonError(f"{source}: unknown field(s) {unknown}")
+            vq_names = {f.name for f in dataclasses.fields(VQConfig)}
+            _warn_unknown(source, unknown, names | _HF_SPELLINGS | _HF_GENERIC_KEYS | vq_names)
         for k in names:
             if k in d:
                 kw[k] = d[k]
         for k in ("attention_bias", "mlp_bias", "swin_norm"):
             if kw.get(k) is None:
                 kw.pop(k, None)
-        kw["model_parallel_size"] = int(kw.get("model_parallel_size") or 1)
+        if kw.get("model_parallel_size") is None:
+            kw["model_parallel_size"] = 1
+        _check_types(kw, source)
         try:
             return cls(**kw)
         except TypeError as e:
@@ -229,6 +264,27 @@ class ChameleonConfig:
             json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
         os.replace(tmp, path)
+
+
+def _check_types(kw: dict, source: str) -> None:
+    """The known fields' JSON types (None, where allowed, is dropped before this)."""
+    def bad(key, want):
+        raise ChameleonError(f"{source}: {key}: expected {want}, got {kw[key]!r}")
+
+    for key in _INT_FIELDS:
+        if key in kw and (not isinstance(kw[key], int) or isinstance(kw[key], bool) or kw[key] < 1):
+            bad(key, "an integer >= 1")
+    for key in _FLOAT_FIELDS:
+        if key in kw and (not isinstance(kw[key], (int, float)) or isinstance(kw[key], bool) or not kw[key] > 0):
+            bad(key, "a number > 0")
+    for key in _BOOL_FIELDS:
+        if key in kw and not isinstance(kw[key], bool):
+            bad(key, "true or false")
+    for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        ids = kw.get(key)
+        for i in ids if isinstance(ids, tuple) else (ids,):
+            if i is not None and (not isinstance(i, int) or isinstance(i, bool) or i < 0):
+                bad(key, "a token id (an integer >= 0), a list of them (eos) or null")
 
 
 def load_preset(name: str) -> ChameleonConfig:

@@ -11,15 +11,18 @@ maps them to the mesh axes ``data``, ``fsdp`` and ``tensor``:
 
 Fallback (documented, not an error): a dim that its mesh axes do not divide evenly (e.g. 8 kv
 heads on tensor=16, or a batch of 3 on data=2) is replicated along those axes instead; the
-choices are listed by :func:`describe`.
+choices are listed by :func:`describe`, and :func:`param_shardings` warns once, naming each param
+so replicated and the extra bytes per device.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import traverse_util
@@ -74,8 +77,13 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence |
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """Logical axis names of an array -> PartitionSpec, replicating dims that don't divide."""
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    replicated: list | None = None) -> P:
+    """Logical axis names of an array -> PartitionSpec, replicating dims that don't divide.
+
+    ``replicated``: if given, (dim index, mesh axes) of each dim replicated for that reason is
+    appended to it.
+    """
     spec = []
     used: set[str] = set()
     for name, dim in zip(names, shape):
@@ -85,6 +93,8 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         axes = tuple(a for a in (axes or ()) if mesh.shape[a] > 1 and a not in used)
         size = math.prod(mesh.shape[a] for a in axes)
         if not axes or dim % size:
+            if axes and replicated is not None:
+                replicated.append((len(spec), axes))
             spec.append(None)
             continue
         used.update(axes)
@@ -107,7 +117,43 @@ def param_shardings(config: ChameleonConfig, mesh: Mesh, shapes: Mapping[str, tu
 
     shapes = shapes or {k: v.shape for k, v in expected_params(config).items()}
     axes = param_logical_axes(config)
-    return {path: NamedSharding(mesh, logical_to_spec(tuple(axes[path]), shapes[path], mesh)) for path in shapes}
+    out, fallbacks = {}, []
+    for path in shapes:
+        replicated: list = []
+        out[path] = NamedSharding(mesh, logical_to_spec(tuple(axes[path]), shapes[path], mesh, replicated))
+        if replicated:
+            fallbacks.append((path, shapes[path], replicated, out[path].spec))
+    if fallbacks:
+        _warn_replicated(fallbacks, mesh, jnp.dtype(config.dtype).itemsize, config.dtype)
+    return out
+
+
+def _warn_replicated(fallbacks, mesh: Mesh, itemsize: int, dtype: str) -> None:
+    """One warning for the params with a dim replicated because its mesh axes do not divide it:
+    each param's name and the bytes per device this costs over an even split."""
+    lines, total = [], 0
+    for path, shape, replicated, spec in fallbacks:
+        nbytes = math.prod(shape) * itemsize
+        split = math.prod(mesh.shape[a] for s in spec if s is not None for a in ((s,) if isinstance(s, str) else s))
+        # Even split: also over the axes this param's replicated dims would have used.
+        ideal = split * math.prod(mesh.shape[a] for _, axes in replicated for a in axes)
+        extra = nbytes // split - nbytes // ideal
+        total += extra
+        dims = ", ".join(f"dim {i} ({shape[i]}) over {'x'.join(axes)}={math.prod(mesh.shape[a] for a in axes)}"
+                         for i, axes in replicated)
+        lines.append((extra, f"{path}: {dims}: +{_size(extra)} per device"))
+    lines = [line for _, line in sorted(lines, key=lambda e: -e[0])]  # the costly ones first
+    shown = lines[:8] + ([f"... and {len(lines) - 8} more"] if len(lines) > 8 else [])
+    warnings.warn(f"sharding: {len(lines)} param(s) have a dim their mesh axes do not divide, so it is replicated "
+                  f"along those axes instead (+{_size(total)} per device in all, at {dtype}): " + "; ".join(shown),
+                  stacklevel=3)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

@@ -8,6 +8,7 @@ code 8191 is ``IMGIMGIBJBZ``. This module is the only place that knows that spel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping
 
 import numpy as np
@@ -92,11 +93,20 @@ class ImageVocab:
             )
         return self.code_to_bpe[codes]
 
+    @cached_property
+    def bpe_to_code_table(self) -> np.ndarray:
+        """int32 [largest image BPE id + 1]: the code of each BPE id, -1 for ids that are not image tokens."""
+        table = np.full((max(self.bpe_to_code, default=-1) + 1,), -1, np.int32)
+        for bpe, code in self.bpe_to_code.items():
+            table[bpe] = code
+        return table
+
     def bpe_to_codes(self, ids: np.ndarray) -> np.ndarray:
         """Map BPE ids (any shape) of image tokens back to VQ codes; -1 where an id is not one."""
-        ids = np.asarray(ids)
-        lookup = np.vectorize(lambda i: self.bpe_to_code.get(int(i), -1), otypes=[np.int32])
-        return lookup(ids) if ids.size else ids.astype(np.int32)
+        ids = np.asarray(ids).astype(np.int64)
+        table = self.bpe_to_code_table
+        inside = (ids >= 0) & (ids < len(table))
+        return np.where(inside, table[np.where(inside, ids, 0)] if len(table) else -1, -1).astype(np.int32)
 
     def is_image_token(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask of ids that are IMGIMG tokens."""

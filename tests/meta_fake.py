@@ -134,17 +134,7 @@ def write_meta_release(
         return {}
     vq = cfg.vq_config
     vq_sd = {k[len("model.vqmodel."):]: v for k, v in sd.items() if k.startswith("model.vqmodel.")}
-    decoder = {
-        "decoder.conv_in.weight": (vq.base_channels * vq.channel_multiplier[-1], vq.latent_channels, 3, 3),
-        "decoder.conv_in.bias": (vq.base_channels * vq.channel_multiplier[-1],),
-        "decoder.mid.block_1.norm1.weight": (vq.base_channels * vq.channel_multiplier[-1],),
-        "decoder.up.0.block.0.conv1.weight": (vq.base_channels, vq.base_channels, 3, 3),
-        "decoder.up.1.upsample.conv.weight": (vq.base_channels * 2, vq.base_channels * 2, 3, 3),
-        "decoder.norm_out.weight": (vq.base_channels,),
-        "decoder.conv_out.weight": (vq.in_channels, vq.base_channels, 3, 3),
-        "decoder.conv_out.bias": (vq.in_channels,),
-    }
-    decoder = {k: torch.randn(shape, generator=gen) for k, shape in decoder.items()}
+    decoder = random_meta_decoder(vq, gen)
     state = {**vq_sd, **decoder, "loss.logvar": torch.zeros(())}
     ckpt = {"state_dict": {k: _plain(v, torch.float32) for k, v in state.items()}, "epoch": 3, "global_step": 1234}
     torch.save(ckpt, os.path.join(tok_dir, "vqgan.ckpt"))
@@ -162,6 +152,67 @@ def write_meta_release(
     with open(os.path.join(tok_dir, "vqgan.yaml"), "w") as fh:
         yaml.safe_dump(doc, fh)
     return {k: v.numpy() for k, v in decoder.items()}
+
+
+def meta_decoder_shapes(vq) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the ``decoder.*`` tensors of a taming VQGAN (Meta's vqgan.ckpt) for an HF
+    ``vq_config``, written from the taming Decoder's structure (not from chameleon_jax's modules)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, cin, cout, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+    def resnet(name, cin, cout):
+        norm(f"{name}.norm1", cin)
+        conv(f"{name}.conv1", cin, cout, 3)
+        norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+    def attn(name, c):
+        norm(f"{name}.norm", c)
+        for proj in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{proj}", c, c, 1)
+
+    mult = list(vq.channel_multiplier)
+    ch = vq.base_channels * mult[-1]
+    conv("decoder.conv_in", vq.latent_channels, ch, 3)
+    resnet("decoder.mid.block_1", ch, ch)
+    attn("decoder.mid.attn_1", ch)
+    resnet("decoder.mid.block_2", ch, ch)
+    res = vq.resolution // 2 ** (len(mult) - 1)
+    for i in reversed(range(len(mult))):  # up[i] holds ch_mult[i]; the lowest resolution runs first
+        out = vq.base_channels * mult[i]
+        for j in range(vq.num_res_blocks + 1):
+            resnet(f"decoder.up.{i}.block.{j}", ch, out)
+            ch = out
+            if res in (vq.attn_resolutions or []):
+                attn(f"decoder.up.{i}.attn.{j}", ch)
+        if i:
+            conv(f"decoder.up.{i}.upsample.conv", ch, ch, 3)
+            res *= 2
+    norm("decoder.norm_out", ch)
+    conv("decoder.conv_out", ch, vq.in_channels, 3)
+    return shapes
+
+
+def random_meta_decoder(vq, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random, numerically tame decoder: conv weights ~ N(0, 1/fan_in), norm weights near 1."""
+    out = {}
+    for name, shape in meta_decoder_shapes(vq).items():
+        x = torch.randn(shape, generator=gen)
+        if len(shape) == 4:
+            x = x / float(np.sqrt(shape[1] * shape[2] * shape[3]))
+        elif "norm" in name and name.endswith("weight"):
+            x = 1.0 + 0.2 * x
+        else:
+            x = 0.05 * x
+        out[name] = x
+    return out
 
 
 def write_text_tokenizer(path, vocabulary_map: dict[str, int]) -> None:

@@ -116,13 +116,34 @@ def test_config_missing_field(good, tmp_path):
     _raises(r"config\.json: missing required field\(s\) \['hidden_size'\]", cj.load, d)
 
 
-@pytest.mark.parametrize("where", ["top", "vq"])
-def test_config_unknown_field(good, tmp_path, where):
+def test_config_unknown_fields_warn_once_with_suggestions(good, tmp_path):
     d = _copy(good, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    (cfg if where == "top" else cfg["vq_config"])["hiden_size"] = 3
+    cfg["num_key_value_head"] = 2  # misspelled: its default is used, and the warning says so
+    cfg["hidden_dropout_prob"] = 0.1
+    cfg["vq_config"]["base_chanels"] = 64
     (d / "config.json").write_text(json.dumps(cfg))
-    _raises(r"unknown field\(s\) \['hiden_size'\]", cj.load, d)
+    with pytest.warns(UserWarning) as record:
+        model = cj.load(d)
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "config.json: ignoring field(s) this project does not know: hidden_dropout_prob, " \
+           "num_key_value_head (did you mean num_key_value_heads?), vq_config.base_chanels (did you mean " \
+           "base_channels?)" in msg, msg
+    assert model.config.num_key_value_heads == 4 and model.config.vq_config.base_channels == 32
+
+
+@pytest.mark.parametrize("field, value, want", [
+    ("hidden_size", "64", "an integer >= 1"), ("num_hidden_layers", 0, "an integer >= 1"),
+    ("swin_norm", "yes", "true or false"), ("rms_norm_eps", -1.0, "a number > 0"),
+    ("eos_token_id", [2, "x"], "a token id"), ("model_parallel_size", 1.5, "an integer >= 1"),
+])
+def test_config_known_fields_stay_strict(good, tmp_path, field, value, want):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    _raises(rf"config\.json: {field}: expected {want}", cj.load, d)
 
 
 def test_unsupported_rope_type(good, tmp_path):
@@ -178,3 +199,21 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_save_refuses_existing_dir(tmp_path):
     (tmp_path / "exists").mkdir()
     _raises(r"already exists", save_hf, {}, cj.ChameleonConfig(), str(tmp_path / "exists"))
+
+
+def test_image_tokens_wrong_shape(model):
+    for bad in (np.zeros((3, 16, 16)), np.zeros((1, 1, 3, 16, 16)), np.zeros((2, 3, 8, 8))):
+        _raises(r"pixel_values: expected \[N, 3, 16, 16\] \(N images\), got shape", model.image_tokens, bad)
+
+
+def test_load_dtype_none_follows_most_params(good, tmp_path):
+    """dtype=None: the compute dtype is the one holding most of the decoder's params, not the
+    first leaf's (here the embeddings, alone in bfloat16)."""
+    import ml_dtypes
+
+    d = _copy(good, tmp_path)
+    _edit_tensors(d, lambda t: t.update({"model.embed_tokens.weight":
+                                         t["model.embed_tokens.weight"].astype(ml_dtypes.bfloat16)}))
+    model = cj.load(d, dtype=None)
+    assert model.params["embed_tokens"]["embedding"].dtype == np.dtype("bfloat16")
+    assert model.config.dtype == "float32"

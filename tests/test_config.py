@@ -67,3 +67,16 @@ def test_presets_load():
     c = cj.load_preset("chameleon-7b")
     assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size) == (4096, 32, 11008)
     assert json.loads(json.dumps(c.to_hf_dict()))["model_type"] == "chameleon"
+
+
+def test_fields_transformers_writes_from_kwargs_load_with_one_warning(tmp_path):
+    """transformers' save_pretrained writes any kwarg it was given, and loads such files: so do we."""
+    hf = hf_config(hidden_dropout_prob=0.1, type_vocab_size=2)
+    hf.save_pretrained(str(tmp_path))
+    transformers.ChameleonConfig.from_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"ignoring field\(s\) this project does not know: hidden_dropout_prob, "
+                                         r"type_vocab_size\. ") as record:
+        ours = ChameleonConfig.from_json_file(tmp_path / "config.json")
+    assert len(record) == 1
+    assert ours == ChameleonConfig.from_hf_dict({k: v for k, v in json.loads(
+        (tmp_path / "config.json").read_text()).items() if k not in ("hidden_dropout_prob", "type_vocab_size")})

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import traverse_util
 
 import chameleon_jax as cj
 from chameleon_jax import ChameleonError, cli
 from chameleon_jax.checkpoint import hf, orbax
+from chameleon_jax.checkpoint import hf as hf_module
 from chameleon_jax.checkpoint.convert import convert, export
 from chameleon_jax.checkpoint.safetensors_io import SafetensorsFile
 from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
@@ -138,7 +140,23 @@ def test_bad_sources(tmp_path):
         convert(str(tmp_path / "empty"), str(tmp_path / "x"), progress=False)
     with pytest.raises(ChameleonError, match=r"not a converted checkpoint"):
         export(str(tmp_path / "empty"), str(tmp_path / "x"))
+    with pytest.raises(ChameleonError, match=r"missing: no such directory"):
+        export(str(tmp_path / "missing"), str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_convert_warns_when_the_source_has_no_tokenizer(src, tmp_path, capsys):
+    _, d = src
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((d / f).read_bytes())
+    assert cli.main(["convert", str(bare), str(tmp_path / "out"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {bare} holds no tokenizer (tokenizer.json)" in out
+    assert f"`chameleon-jax generate --model {tmp_path / 'out'}`" in out and "need the tokenizer files" in out
+    assert cli.main(["convert", str(d), str(tmp_path / "out2"), "--quiet"]) == 0
+    assert "no tokenizer" not in capsys.readouterr().out
 
 
 def test_safetensors_reader_matches_library(src):
@@ -150,3 +168,38 @@ def test_safetensors_reader_matches_library(src):
     assert sorted(ours.keys()) == sorted(ref)
     for k, v in ref.items():
         np.testing.assert_array_equal(ours.get(k), v)
+
+
+def test_mixed_dtypes_are_restored_per_tensor(src, tmp_path):
+    """A bf16 decoder beside an fp32 VQ-VAE: every tensor comes back in its own dtype, bit for bit,
+    also from a marker written before per-param dtypes were recorded (Orbax's metadata says)."""
+    import json
+
+    hf, _ = src
+    mixed = tmp_path / "mixed"
+    hf.to(torch.bfloat16)
+    hf.model.vqmodel.float()
+    try:
+        hf.save_pretrained(str(mixed))
+    finally:
+        hf.float()
+    orig = _tensors(mixed)
+    assert {str(v.dtype) for k, v in orig.items() if "vqmodel" in k} == {"float32"}
+    assert orig["model.embed_tokens.weight"].dtype == np.dtype("bfloat16")
+    convert(str(mixed), str(tmp_path / "o"), progress=False)
+
+    def check():
+        model = cj.load(tmp_path / "o", dtype=None)
+        assert model.config.dtype == "bfloat16"  # the decoder's, not the VQ-VAE's
+        for path, x in traverse_util.flatten_dict(model.params, sep="/").items():
+            name, layout = hf_module.hf_name(path)
+            assert x.dtype == orig[name].dtype, path
+            np.testing.assert_array_equal(hf_module._to_hf(np.asarray(x), layout), orig[name], err_msg=path)
+
+    check()
+    marker = tmp_path / "o" / orbax.MARKER
+    meta = json.loads(marker.read_text())
+    assert meta["dtypes"] == ["bfloat16", "float32"]
+    del meta["param_dtypes"]  # as written before this fix
+    marker.write_text(json.dumps(meta))
+    check()

@@ -112,6 +112,51 @@ def test_repetition_penalty_and_min_new_tokens_match_transformers(mha):
 # ------------------------------------------------------------------------ sampling through the model
 
 
+def test_repetition_penalty_ignores_left_padding_like_transformers(tmp_path):
+    """transformers' generate passes each row's padding length as RepetitionPenaltyLogitsProcessor's
+    prompt_ignore_length, so pad ids in input_ids do not count as seen (checked on transformers 5.24;
+    issue 11 assumed otherwise). Make the pad token the favourite so a difference would show: its
+    lm_head row is 10x the row of the token greedy picks first."""
+    hf = build_hf_model(tmp_path, seed=31)
+    ids, mask, _ = batch_of_three(hf.config)
+    ids, mask = ids[[0, 2]], mask[[0, 2]]  # row 0 left-padded, row 1 (the longest) not
+    first = hf_generate(hf, ids, mask, new=1)[:, 0]
+    with torch.no_grad():
+        hf.lm_head.weight[PAD] = 10 * hf.lm_head.weight[int(first[0])]
+    hf.save_pretrained(str(tmp_path))
+    model = cj.load(tmp_path)
+    ref = hf_generate(hf, ids, mask, new=8, repetition_penalty=100.0)
+    ours = model.generate(ids, mask, max_new_tokens=8, repetition_penalty=100.0)
+    np.testing.assert_array_equal(ours, ref)
+    assert ref[0, 0] == PAD  # the pads of row 0's input_ids were not penalized
+
+
+def _nan_model(tmp_path, token):
+    """A checkpoint whose embedding row of ``token`` is NaN (written to its safetensors)."""
+    hf = build_hf_model(tmp_path, seed=33)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[token] = float("nan")
+    hf.save_pretrained(str(tmp_path))
+    return hf, cj.load(tmp_path)
+
+
+def test_non_finite_logits_raise_naming_step_and_rows(tmp_path):
+    bad = 200
+    hf, model = _nan_model(tmp_path, bad)
+    rows = [text_ids(6, seed=1), text_ids(5, seed=2)[:-1] + [bad], text_ids(7, seed=3)]
+    rows = [[t if t != bad else 201 for t in r] for r in rows[:1]] + rows[1:]
+    ids, mask = left_pad(rows)
+    with pytest.raises(ChameleonError, match=r"non-finite logits \(NaN or inf\) at step 0 for row\(s\) \[1\]"):
+        model.generate(ids, mask, max_new_tokens=4)
+    with pytest.raises(ChameleonError, match=r"at step 0 for row\(s\) \[1\]"):
+        list(model.generate_stream(ids, mask, max_new_tokens=4))
+    with pytest.raises(ChameleonError, match=r"at step 0 for row\(s\) \[1\]"):
+        model.generate_image(ids, mask, do_sample=False)
+    # a NaN met later: row 0 generates the bad token itself at some step > 0
+    ok = model.generate(ids[[0, 2]], mask[[0, 2]], max_new_tokens=3)
+    assert ok.shape == (2, 3)
+
+
 def test_top_k_1_is_greedy_and_seeds_reproduce(mha):
     _, model = mha
     ids, mask = left_pad([text_ids(7, seed=31), text_ids(12, seed=32)])
@@ -413,7 +458,7 @@ def test_cli_generate_streams_the_models_text(cli_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,match",
     [
-        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--top-k", "5"], "--temperature > 0"),
         (["--temperature", "-1"], "--temperature"),
         (["--image", "/nonexistent.png"], "nonexistent"),

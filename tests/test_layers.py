@@ -150,3 +150,20 @@ def test_vq_encoder_and_quantizer(pair):
     # the image-code -> BPE table is the one transformers uses
     bpe = np.asarray(model.image_tokens(pixels))
     np.testing.assert_array_equal(bpe.reshape(-1), hf.model.vocabulary_mapping.convert_img2bpe(_t(ref_codes)).numpy())
+
+
+def test_query_with_no_visible_key_gets_zero_attention_output(pair):
+    """A left-pad query sees no key: its attention output is zero (transformers' default sdpa), so
+    o_proj gives just its bias, not an average over every key, later ones included."""
+    _, model = pair
+    c = model.config
+    x = np.random.default_rng(1).normal(size=(1, 4, c.hidden_size)).astype(np.float32)
+    pad = np.array([[0, 0, 1, 1]])
+    mask = causal_mask(jnp.asarray(pad))
+    pos = jnp.asarray([[0, 0, 0, 1]])
+    inv_freq = decoder.rope_inv_freq(c, pos)
+    params = {"params": model.params["layers_0"]["self_attn"]}
+    out, _ = decoder.Attention(c).apply(params, x, pos, mask, inv_freq)
+    bias = np.asarray(model.params["layers_0"]["self_attn"]["o_proj"]["bias"])
+    np.testing.assert_allclose(np.asarray(out)[0, :2], np.broadcast_to(bias, (2, c.hidden_size)), atol=1e-6)
+    assert np.abs(np.asarray(out)[0, 2:] - bias).max() > 1e-3  # real tokens do attend

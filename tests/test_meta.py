@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from chameleon_jax import ChameleonConfig, ChameleonError, ChameleonModel
-from chameleon_jax.checkpoint.hf import read_params
+from chameleon_jax.checkpoint.hf import hf_tensors, read_params
 from chameleon_jax.checkpoint.meta import MetaRelease
 from chameleon_jax.checkpoint.meta_files import intermediate_size, is_meta_release, load_torch_file
 from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
@@ -26,13 +26,14 @@ TOL = 1e-4
 
 # 7B-style: one consolidated.pth, MHA, unfused wq/wk/wv, w1/w3, no ffn_dim_multiplier.
 SEVEN = dict(hf=dict(intermediate_size=192), shards=1, meta=dict(multiple_of=64))
-# 30B-style: 4 shards, GQA (2 kv heads per shard), swin_norm, fused wqkv/w13, a multiplier,
-# per-shard q/k norms, and norm copies that differ between shards (averaged on load).
+# 30B-style: 4 shards, GQA (2 kv heads per shard), swin_norm, unfused wq/wk/wv and w1/w3 in every
+# shard (the real release's layout), a multiplier, per-shard q/k norms, and norm copies that differ
+# between shards (averaged on load). Fused wqkv/w13: test_fused_shards_are_accepted_too.
 THIRTY = dict(
     hf=dict(hidden_size=128, num_attention_heads=16, num_key_value_heads=8, intermediate_size=448,
             swin_norm=True, model_parallel_size=4),
     shards=4,
-    meta=dict(fused=True, multiple_of=64, ffn_dim_multiplier=1.3, norm_jitter=0.01),
+    meta=dict(fused=False, multiple_of=64, ffn_dim_multiplier=1.3, norm_jitter=0.01),
 )
 
 
@@ -79,9 +80,10 @@ def _raises(match, fn, *a, **kw):
 
 # ------------------------------------------------------------------ conversion is exact
 def test_every_tensor_equals_the_source(case):
-    root, hf, _ = case
+    root, hf, decoder = case
     release = MetaRelease(root)
     ref = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    ref.update({"model.vqmodel." + k: v for k, v in decoder.items()})  # transformers has no VQ decoder
     assert sorted(release.keys()) == sorted(ref)
     for name in release.keys():
         got = release.get(name)
@@ -124,15 +126,14 @@ def test_config_equals_the_source(case):
     assert release.tokenizer_path == str(root / "tokenizer" / "text_tokenizer.json")
 
 
-def test_decoder_tensors_are_extra_tensors(case):
+def test_decoder_tensors_are_params(case):
     root, _, decoder = case
     release = MetaRelease(root)
-    extra = dict(release.extra_tensors())
-    assert sorted(extra) == sorted("vqgan." + k for k in decoder)
+    assert sorted(k for k in release.keys() if ".decoder." in k) == sorted("model.vqmodel." + k for k in decoder)
     for k, v in decoder.items():
-        np.testing.assert_array_equal(extra["vqgan." + k], v)
-    assert not any("decoder" in k for k in release.keys())
-    assert "model.vqmodel.post_quant_conv.weight" in release.keys()
+        np.testing.assert_array_equal(release.get("model.vqmodel." + k), v)
+    params = read_params(release, release.config)
+    assert "decoder" in params["vqmodel"] and "post_quant_conv" in params["vqmodel"]
     assert any("loss.logvar" in n for n in release.notes)  # non-model tensors are reported, not kept
 
 
@@ -145,6 +146,21 @@ def test_sharded_release_notes_and_names(thirty):
     assert release.where("model.vqmodel.quant_conv.weight").endswith("vqgan.ckpt")
     assert intermediate_size(4096, None, 256) == 11008  # the real 7B
     assert intermediate_size(8192, 1, 256) == 22016  # the real 30B
+
+
+def test_fused_shards_are_accepted_too(thirty, tmp_path):
+    """No known release file holds fused wqkv / w13 (transformers' converter reads every shard
+    unfused; Meta's code fuses them at load time). Accepted anyway: the same tensors come out."""
+    root, hf, _ = thirty
+    with open(root / "models" / "30b" / "consolidated.00.pth", "rb") as f:
+        names = torch.load(f, weights_only=True, mmap=False).keys()
+    assert "layers.0.attention.wq.weight" in names and not any("wqkv" in n or "w13" in n for n in names)
+    meta = {**THIRTY["meta"], "fused": True}
+    write_meta_release(tmp_path / "fused", hf, name="30b", shards=4, seed=42, with_vqgan=False, **meta)
+    fused, unfused = MetaRelease(tmp_path / "fused"), MetaRelease(root)
+    assert sorted(fused.keys()) == sorted(k for k in unfused.keys() if not k.startswith("model.vqmodel."))
+    for name in fused.keys():
+        np.testing.assert_array_equal(fused.get(name), unfused.get(name), err_msg=name)
 
 
 def test_bfloat16_release_keeps_dtype(seven, tmp_path):
@@ -194,7 +210,6 @@ def test_missing_vqgan_converts_text_only(seven, tmp_path):
     assert release.config.vq_config is None
     assert any("vqgan.ckpt not found" in n and "text model only" in n for n in release.notes)
     assert not any(k.startswith("model.vqmodel.") for k in release.keys())
-    assert list(release.extra_tensors()) == []
     model = ChameleonModel(release.config, read_params(release, release.config))
     ids = np.array([text_ids(12, seed=7)])
     assert _text_err(model.logits(ids), _hf_logits(hf, ids), release.config.image_vocab.image_token_ids) < TOL
@@ -323,10 +338,13 @@ def test_convert_cli_meta_release_end_to_end(thirty, tmp_path, capsys):
     pixels = random_pixels(1, seed=4)
     err = _text_err(model.logits(ids, pixel_values=pixels), _hf_logits(hf, ids, pixels), model.config.image_vocab.image_token_ids)
     assert err < 1e-4
-    extra = checkpoint.read_extra_tensors(str(dst))
-    assert set(decoder) <= {k.removeprefix("vqgan.") for k in extra}
+    # the VQ-GAN decoder is a param group member now, not an extra tensor
+    assert checkpoint.read_extra_tensors(str(dst)) == {}
+    assert json.loads((dst / checkpoint.MARKER).read_text())["vq_decoder"] is True
+    held = {name: x for name, x in hf_tensors(model.params) if ".decoder." in name}
+    assert sorted(held) == sorted("model.vqmodel." + k for k in decoder)
     for k, v in decoder.items():
-        np.testing.assert_array_equal(extra["vqgan." + k], v)
+        np.testing.assert_array_equal(held["model.vqmodel." + k], v)
 
 
 def test_remapping_shard_files_midway_changes_nothing(seven, monkeypatch):

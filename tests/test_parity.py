@@ -157,3 +157,29 @@ def test_bfloat16_loading(tmp_path):
     assert err < 5e-2
     up = cj.load(tmp_path / "bf16", dtype="float32")
     _compare(up.logits(ids), ref, image_ids)
+
+
+def test_output_hidden_states_match(tmp_path):
+    """logits(..., output_hidden_states=True): transformers' tuple (embeddings with the image tokens
+    merged, each layer's output but the last, the final-norm output), on a left-padded batch."""
+    hf = build_hf_model(tmp_path / "hs", seed=17, num_hidden_layers=3, num_key_value_heads=2)
+    model = cj.load(tmp_path / "hs")
+    rows = [text_ids(4, seed=18) + image_placeholders(hf.config, 1) + text_ids(5, seed=19)[1:], text_ids(9, seed=20)]
+    t = max(map(len, rows))
+    ids = np.full((2, t), 3, np.int64)
+    mask = np.zeros((2, t), np.int64)
+    for r, row in enumerate(rows):
+        ids[r, t - len(row):], mask[r, t - len(row):] = row, 1
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    pixels = random_pixels(1, seed=21)
+    logits, hidden = model.logits(ids, mask, pixels, pos, output_hidden_states=True)
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pixels),
+                 position_ids=torch.tensor(pos), output_hidden_states=True)
+    _compare(logits, out.logits.numpy(), model.config.image_vocab.image_token_ids, valid=mask.astype(bool))
+    ref = [h.numpy() for h in out.hidden_states]
+    assert len(hidden) == len(ref) == 4
+    for i, (ours, want) in enumerate(zip(hidden, ref)):
+        assert ours.shape == want.shape and ours.dtype == np.float32
+        err = np.abs(ours - want).max() / np.abs(want).max()
+        assert err < 1e-4, f"hidden_states[{i}]: relative error {err:.2e}"

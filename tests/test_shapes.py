@@ -29,15 +29,24 @@ def _hf_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
 @pytest.mark.parametrize("name,billions", [("chameleon-7b", 7.0), ("chameleon-30b", 34.3)])
 def test_preset_param_count_matches_transformers(name, billions):
+    """transformers has no VQ-GAN decoder: the decoder-less tree matches it; Meta's decoder adds
+    exactly its 39,294,851 params (the same decoder for 7B and 30B)."""
     config = cj.load_preset(name)
-    tree = nn.unbox(init_params(config, jax.random.key(0), abstract=True))
+    tree = nn.unbox(init_params(config, jax.random.key(0), abstract=True, vq_decoder=False))
     leaves = jax.tree.leaves(tree)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # abstract: nothing allocated
-    ours = sum(int(np.prod(x.shape)) for x in leaves)
+    ours = _count(tree)
     assert ours == _hf_count(name)
     assert round(ours / 1e9, 1) == billions
+    full = nn.unbox(init_params(config, jax.random.key(0), abstract=True))
+    assert "decoder" not in tree["vqmodel"] and "decoder" in full["vqmodel"]
+    assert _count(full) - ours == _count(full["vqmodel"]["decoder"]) == 39_294_851
 
 
 def test_7b_shapes():

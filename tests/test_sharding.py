@@ -10,7 +10,7 @@ import chameleon_jax as cj
 from chameleon_jax import ChameleonError
 from chameleon_jax.checkpoint.convert import convert
 from chameleon_jax.sharding import bytes_per_device, logical_to_spec, make_mesh
-from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
+from conftest import build_hf_model, random_pixels, text_ids
 
 MESHES = [dict(data=8), dict(fsdp=8), dict(tensor=8), dict(data=2, tensor=4), dict(data=2, fsdp=2, tensor=2)]
 
@@ -107,3 +107,27 @@ def test_make_mesh_errors():
     with pytest.raises(ChameleonError, match="at most one"):
         make_mesh(data=-1, fsdp=-1)
     assert make_mesh(data=2, fsdp=-1).shape == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_replicated_dims_warn_once_naming_params_and_bytes():
+    """Abstract (no memory): 4 kv heads of a 7B-shaped config on tensor=8 cannot be split; one
+    warning names each such param and the bytes per device it costs over an even split."""
+    import warnings
+
+    from chameleon_jax.sharding import param_shardings
+
+    config = cj.load_preset("chameleon-7b").replace(num_hidden_layers=2, num_key_value_heads=8, vq_config=None)
+    mesh = make_mesh(data=1, fsdp=1, tensor=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        param_shardings(config, mesh)  # 32 heads, 8 kv heads: everything divides, no warning
+    config = config.replace(num_key_value_heads=4)
+    with pytest.warns(UserWarning) as record:
+        param_shardings(config, mesh)
+    assert len(record) == 1
+    msg = str(record[0].message)
+    # k_proj [4096, 4, 128] fp32 = 8 MiB: replicated over tensor=8 instead of split, +7 MiB a device
+    assert "sharding: 8 param(s) have a dim their mesh axes do not divide" in msg
+    assert "layers_0/self_attn/k_proj/kernel: dim 1 (4) over tensor=8: +7.0 MiB per device" in msg
+    assert "layers_1/self_attn/v_proj/kernel" in msg and "layers_0/self_attn/k_norm/scale" in msg
+    assert "(+28.0 MiB per device in all, at float32)" in msg

@@ -237,3 +237,36 @@ def test_7b_train_state_shards_evenly_over_fsdp():
     n_params = sum(int(np.prod(v.shape)) for v in shapes.values())
     assert 6.5e9 < n_params < 7.5e9 and 0 <= total - 12 * n_params < 64  # fp32 params, 2 moments, counters
     assert per_device < total / 8 * 1.001, per_device / total  # everything big is split 8 ways
+
+
+def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(env):
+    """A checkpoint holding a NaN (in the embedding of a token only one record uses): the step
+    whose batch holds that record stops the run, before any checkpoint could hold NaN params."""
+    from train_utils import write_records
+
+    root, model, proc, _ = env
+    bad_id = proc.tokenizer.encode("zzz", add_special_tokens=False).ids[0]
+    data = write_records(root / "nan.jsonl", [{"text": "hello world the cat"}] * 5 + [{"text": "the dog zzz"}])
+    emb = np.array(model.params["embed_tokens"]["embedding"])
+    emb[bad_id] = np.nan
+    poisoned = cj.ChameleonModel(model.config, {**model.params, "embed_tokens": {"embedding": emb}})
+    tc = train_config(root / "nan", data, steps=6, batch_size=1, checkpoint_every=2, keep_checkpoints=10,
+                      log_every=3)
+    tr = Trainer(tc, poisoned, proc, log=None)
+    with pytest.raises(cj.ChameleonError, match=r"step (\d+): the loss is nan .*training stopped at this step") as e:
+        tr.run()
+    step = int(e.value.args[0].split(":")[0].split()[1])
+    assert step == 3  # the data order of this seed puts the poisoned record third
+    ckpts = root / "nan" / "out" / "checkpoints"
+    assert os.listdir(ckpts) == ["2"]  # none holds the NaN step's params
+    assert f"last good checkpoint (step 2 in {ckpts})" in str(e.value)
+    lines = [json.loads(x) for x in open(root / "nan" / "out" / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3] and np.isnan(lines[-1]["loss"])
+    assert all(np.isfinite(r["loss"]) for r in lines[:2])
+    # the last checkpoint is intact: it restores, and its params hold no NaN beyond the poisoned row
+    resumed = Trainer(tc, poisoned, proc, log=None)
+    assert resumed.step == 2
+    emb3 = np.asarray(resumed.state["params"]["embed_tokens"]["embedding"])
+    assert np.isnan(emb3[bad_id]).all() and np.isfinite(np.delete(emb3, bad_id, axis=0)).all()
+    rest = {k: v for k, v in _flat(resumed.state["params"]).items() if k != "embed_tokens/embedding"}
+    assert all(np.isfinite(v).all() for v in rest.values())

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from . import hf, orbax
+from .outdir import check_output
 from ..config import ChameleonConfig
 from ..errors import ChameleonError
 
@@ -82,7 +83,11 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     """
     if dtype not in _DTYPES:
         raise ChameleonError(f"dtype: {dtype!r} is not supported; expected bfloat16, float32 or float16")
+    check_output(dst, [("source", src)])
     kind, config, source, write_tokenizer = open_source(src, model_size)
+    # A Meta model directory finds its tokenizer dir outside itself: neither may be touched either.
+    check_output(dst, [("source's model directory", getattr(source, "model_dir", None)),
+                       ("source's tokenizer directory", getattr(source, "tokenizer_dir", None))])
     if dtype is not None:
         config = config.replace(dtype=dtype)
     hf.plan_params(source, config)  # fail on bad input before creating anything
@@ -91,6 +96,10 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
         orbax.write_orbax(tmp, config, source, dtype, extra, _progress_printer() if progress else None)
         write_tokenizer(tmp)
     notes = list(getattr(source, "notes", []))
+    if kind == "hf" and not os.path.isfile(os.path.join(src, "tokenizer.json")):
+        notes.append(f"warning: {src} holds no tokenizer (tokenizer.json), so neither does {dst}: "
+                     f"`chameleon-jax generate --model {dst}` and ChameleonProcessor.from_pretrained({dst!r}) "
+                     "need the tokenizer files (tokenizer.json, tokenizer_config.json, ...) copied into it")
     if config.vq_config is None:
         notes.append("the result has no VQ-VAE: it cannot take images")
     return kind, notes
@@ -99,10 +108,14 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
 def export(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> None:
     """Orbax directory (from ``convert``) -> HF safetensors directory transformers loads.
 
-    Params keep their stored dtype. Tensors our model does not use (Meta's VQ-GAN decoder) have
-    no place in the HF layout and are not exported.
+    Params keep their stored dtype. The VQ-GAN decoder, when the checkpoint has one, is written
+    as ``model.vqmodel.decoder.*`` (transformers loads the result and reports those tensors as
+    unused). Other ``extra_tensors`` have no place in the HF layout and are not exported.
     """
     src = os.fspath(src)
+    if not os.path.isdir(src):
+        raise ChameleonError(f"{src}: no such directory (expected a directory written by `chameleon-jax convert`)")
+    check_output(dst, [("source", src)])
     if not orbax.is_orbax_dir(src):
         raise ChameleonError(f"{src}: not a converted checkpoint (no {orbax.MARKER}); expected `chameleon-jax convert` output")
     config = ChameleonConfig.from_json_file(os.path.join(src, "config.json"))

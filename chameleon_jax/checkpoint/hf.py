@@ -6,12 +6,10 @@ its Hugging Face tensor name and layout transform; import and export both use it
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Callable, Iterable, Iterator, Mapping
 
 import jax
@@ -20,6 +18,7 @@ from flax import traverse_util
 
 from ..config import ChameleonConfig
 from ..errors import ChameleonError
+from .outdir import atomic_dir
 from .safetensors_io import SafetensorsFile, write_safetensors
 
 # ------------------------------------------------------------------ name table
@@ -157,32 +156,62 @@ class HFSource:
 
 
 # ------------------------------------------------------------------ params <-> HF tensors
-def expected_params(config: ChameleonConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """Flat {path: ShapeDtypeStruct} of the param tree (abstract: no memory)."""
+# The VQ-GAN decoder (codes -> pixels) is optional: transformers' Chameleon checkpoints do not
+# have it, conversions made for image generation (and Meta's vqgan.ckpt) do. A checkpoint holds
+# all of its tensors or none.
+VQ_DECODER = "vqmodel/decoder/"
+VQ_DECODER_HF = "model.vqmodel.decoder."
+
+
+def has_vq_decoder(params: Mapping) -> bool:
+    """Whether a param tree holds the VQ-GAN decoder (``vqmodel/decoder``)."""
+    vq = params.get("vqmodel") if isinstance(params, Mapping) else None
+    return isinstance(vq, Mapping) and "decoder" in vq
+
+
+def expected_params(config: ChameleonConfig, vq_decoder: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat {path: ShapeDtypeStruct} of the param tree (abstract: no memory); ``vq_decoder``:
+    include the optional VQ-GAN decoder's params."""
     from ..model import init_params  # local: model imports config only
 
     import flax.linen as nn
 
-    tree = nn.unbox(init_params(config, jax.random.key(0), abstract=True))
+    tree = nn.unbox(init_params(config, jax.random.key(0), abstract=True, vq_decoder=vq_decoder))
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-def plan_params(source, config: ChameleonConfig) -> list[tuple[str, str, str, tuple[int, ...]]]:
+def plan_params(source, config: ChameleonConfig, prefix: str = "") -> list[tuple[str, str, str, tuple]]:
     """Check a tensor source against ``config``; returns [(param path, HF name, layout, shape)].
 
-    Raises ChameleonError for missing, unexpected and wrong-shape tensors, naming the file.
+    The VQ-GAN decoder's tensors (``model.vqmodel.decoder.*``) are planned when the source holds
+    all of them and left out when it holds none. ``prefix``: plan only the params whose path
+    starts with it (e.g. :data:`VQ_DECODER`). Raises ChameleonError for missing (a partial
+    decoder included), unexpected and wrong-shape tensors, naming the file.
     """
     expected = expected_params(config)
     plan = []
     for path, sds in expected.items():
-        name, layout = hf_name(path)
-        plan.append((path, name, layout, tuple(sds.shape)))
-    wanted = {name for _, name, _, _ in plan}
+        if path.startswith(prefix):
+            name, layout = hf_name(path)
+            plan.append((path, name, layout, tuple(sds.shape)))
     have = set(source.keys())
+    where = getattr(source, "directory", "checkpoint")
+    decoder = [item for item in plan if item[0].startswith(VQ_DECODER)]
+    held = [name for _, name, _, _ in decoder if name in have]
+    if decoder and not held:
+        plan = [item for item in plan if not item[0].startswith(VQ_DECODER)]
+    elif len(held) < len(decoder):
+        absent = sorted(name for _, name, _, _ in decoder if name not in have)
+        more = f" (+{len(absent) - 5} more)" if len(absent) > 5 else ""
+        raise ChameleonError(
+            f"{where}: checkpoint holds {len(held)} of the {len(decoder)} VQ-GAN decoder tensors "
+            f"({VQ_DECODER_HF}*) this config needs; missing {absent[:5]}{more}. The decoder must be "
+            "complete, or absent (then the model reads images but cannot draw them)"
+        )
+    wanted = {name for _, name, _, _ in plan}
     missing = sorted(wanted - have)
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        where = getattr(source, "directory", "checkpoint")
         raise ChameleonError(f"{where}: checkpoint is missing tensor(s) {missing[:5]}{more}")
     tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()
     extra = sorted(n for n in have if n not in wanted and n not in tolerated and not _IGNORED.fullmatch(n))
@@ -232,33 +261,6 @@ def hf_tensors(params: Mapping) -> Iterator[tuple[str, np.ndarray]]:
     for path, value in traverse_util.flatten_dict(dict(params), sep="/").items():
         name, layout = hf_name(path)
         yield name, np.ascontiguousarray(_to_hf(np.asarray(jax.device_get(value)), layout))
-
-
-@contextlib.contextmanager
-def atomic_dir(directory: str, overwrite: bool = False):
-    """Yield a temp dir beside ``directory``; on success it replaces ``directory`` in one rename.
-
-    On any failure the temp dir is removed and ``directory`` (absent or the previous version)
-    is left as it was. ``overwrite=False`` refuses an existing ``directory``.
-    """
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not overwrite:
-        raise ChameleonError(f"{directory}: already exists; refusing to overwrite (pass overwrite / --overwrite)")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old", dir=parent)
-            os.replace(directory, os.path.join(old, "x"))
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_hf_tensors(directory: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:

@@ -16,7 +16,8 @@ and Meta's ``chameleon/inference/{transformer,loader,vqgan}.py``):
   * names: ``tok_embeddings``, ``layers.N.attention.{wq,wk,wv,wo}``, ``feed_forward.{w1,w3,w2}``,
     ``attention_norm``, ``ffn_norm``, ``attention.{q,k}_normalization``, ``norm``, ``output``;
     ``rope.freqs`` is ignored; fused ``wqkv`` (rows q | k | v of the shard) and ``w13`` (w1 | w3)
-    are split;
+    are split (no real release file is known to hold them: every shard stores wq/wk/wv and w1/w3,
+    which Meta's code fuses in memory; accepted anyway);
   * wq, wk and the q/k norm params are stored for interleaved RoPE; they are permuted to
     rotate_half order per head (``[h, Dh/2, 2] -> [h, 2, Dh/2]``);
   * model-parallel shards (``consolidated.00..NN.pth``): embeddings, wo and w2 are split on
@@ -24,8 +25,8 @@ and Meta's ``chameleon/inference/{transformer,loader,vqgan}.py``):
     copies (averaged, as transformers does; differing copies are reported in ``notes``); each
     shard holds one q/k LayerNorm shared by its heads, repeated here to ``[heads, head_dim]``;
   * ``tokenizer/vqgan.ckpt``'s ``state_dict``: ``encoder.*``, ``quant_conv.*``,
-    ``quantize.embedding.weight``, ``post_quant_conv.*`` -> ``model.vqmodel.<same>``;
-    ``decoder.*`` -> :meth:`MetaRelease.extra_tensors` as ``vqgan.decoder.*``.
+    ``quantize.embedding.weight``, ``post_quant_conv.*`` and the VQ-GAN decoder ``decoder.*``
+    -> ``model.vqmodel.<same>``; other tensors (the training loss's) are ignored, with a note.
 
 Missing ``tokenizer/vqgan.ckpt``: the text model still converts; ``config.vq_config`` is None and
 ``notes`` says so (``require_vqgan=True`` makes it an error). Every ``.pth``/``.ckpt`` is read
@@ -39,7 +40,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -69,12 +69,12 @@ _LAYER_KEY = re.compile(
     r"layers\.(\d+)\.(attention\.(?:wq|wk|wv|wo|wqkv)\.weight|feed_forward\.(?:w1|w2|w3|w13)\.weight|"
     r"attention_norm\.weight|ffn_norm\.weight|attention\.[qk]_normalization\.(?:weight|bias))"
 )
-_VQ_MODEL_PREFIXES = ("encoder.", "quant_conv.", "post_quant_conv.")
+_VQ_MODEL_PREFIXES = ("encoder.", "quant_conv.", "post_quant_conv.", "decoder.")
 
 
 class MetaRelease:
     """Meta's release as a tensor source: ``keys() / shape(n) / dtype(n) / get(n) / where(n)``
-    under HF names, plus ``config``, ``extra_tensors()``, ``tokenizer_path`` and ``notes``.
+    under HF names, plus ``config``, ``tokenizer_path`` and ``notes``.
 
     Args:
       path: release root or model dir (module docstring).
@@ -115,7 +115,6 @@ class MetaRelease:
         config = self._build_config(vocabulary_map, special_ids, vq_config)
         self._plan: dict[str, _Entry] = {}
         self._plan_decoder(config)
-        self._decoder_keys: list[str] = []
         if have_vq:
             self._plan_vqgan()
         self.config = config
@@ -157,11 +156,6 @@ class MetaRelease:
         if out.shape != e.shape:  # the plan's shapes are what read_params validated
             raise ChameleonError(f"{self.where(name)}: tensor {name!r} assembled to {list(out.shape)}, expected {list(e.shape)}")
         return out
-
-    def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """The VQ-GAN tensors the model does not use: (``vqgan.decoder.*``, array), one at a time."""
-        for key in self._decoder_keys:
-            yield "vqgan." + key, to_numpy(self._vq[key])
 
     @property
     def notes(self) -> list[str]:
@@ -377,12 +371,10 @@ class MetaRelease:
         for key, t in self._vq.items():
             if key.startswith(_VQ_MODEL_PREFIXES) or key == "quantize.embedding.weight":
                 self._plan["model.vqmodel." + key] = _Entry("cat0", ((index, key, None),), tuple(t.shape))
-            elif key.startswith("decoder."):
-                self._decoder_keys.append(key)
             else:
                 ignored.append(key)
         if ignored:
             self._notes.append(f"{path}: ignored {len(ignored)} tensor(s) that are not part of the VQ-GAN model "
                                f"(e.g. {ignored[:3]})")
-        if not self._decoder_keys:
+        if not any(key.startswith("decoder.") for key in self._vq):
             self._notes.append(f"{path}: holds no decoder.* tensors; image generation will not be possible")

@@ -2,6 +2,8 @@
 (:mod:`.processors`)."""
 
 from .processors import GenerationSettings, Mode, choose_tokens
-from .sampler import Generator, TextHead, bucket_length
+from .heads import TextHead, VocabHead, guide
+from .sampler import Generator, Plan, bucket_length, check_finite
 
-__all__ = ["GenerationSettings", "Generator", "Mode", "TextHead", "bucket_length", "choose_tokens"]
+__all__ = ["GenerationSettings", "Generator", "Mode", "Plan", "TextHead", "VocabHead", "bucket_length", "check_finite",
+           "choose_tokens", "guide"]

@@ -1,6 +1,7 @@
-"""Jitted text generation: one prefill of the left-padded batch, then an on-device decode loop.
+"""Jitted generation: one prefill of the left-padded batch, then an on-device decode loop.
 
-Shapes: B batch, T prompt length (after bucketing), S cache slots, N new tokens, V vocab.
+Shapes: B prompts, R = B * streams cache rows, T prompt length (after bucketing), S cache slots,
+N new tokens, V vocab (of the head in use).
 
 How a call runs
   1. The host left-pads the prompt to a length bucket (:func:`bucket_length`) so prompts of
@@ -16,10 +17,16 @@ How a call runs
 Positions follow transformers' generate: a row's tokens are numbered from its first real token
 (``cumsum(mask) - 1``), so left padding changes nothing.
 
-Logits come from :class:`TextHead`: the LM head over text tokens only (image tokens, which
-text mode suppresses anyway, are left out of the matmul), computed for the last position only.
+Logits come from a :class:`VocabHead`, computed for the last position only: in text mode the LM
+head over text tokens only (image tokens, which text mode suppresses anyway, are left out of the
+matmul); in image mode over the image tokens only (image mode allows nothing else).
 
-Token choice: :mod:`.processors`.
+Image mode (:mod:`.image`) runs the same loop with up to three cache rows ("streams") per prompt
+for Meta's classifier-free guidance; the rows of a prompt are adjacent ([B, streams] order), so a
+batch sharded over devices keeps a prompt's streams on one device.
+
+Token choice: :mod:`.processors`. The loop state is described in docs/design.md ("The decode
+loop").
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ChameleonConfig
-from ..model import Chameleon, cache_mask, default_positions, init_cache
+from ..model import Chameleon, cache_mask, causal_mask, default_positions, init_cache
+from ..errors import ChameleonError
+from .heads import VocabHead, guide
 from .processors import GenerationSettings, Mode, choose_tokens
 
 Array = jax.Array
@@ -55,113 +64,67 @@ def bucket_length(n: int, minimum: int = 16) -> int:
     return -(-n // step) * step
 
 
-# ---------------------------------------------------------------------------------- LM head
-
-
-class TextHead:
-    """The LM head restricted to text tokens, laid out for fast decoding.
-
-    In text mode the model sets every image-token logit to the float32 minimum, so those tokens
-    have probability exactly 0 and are never chosen, greedy or sampled, under any processor here.
-    Leaving their columns out of the matmul is therefore exact and reads 1/8 fewer bytes (8192 of
-    65536 ids in Chameleon's vocabulary). Token choice works on "compact" ids 0..Vt-1;
-    ``text_ids`` maps them back.
-
-    The text rows are gathered once per params into ``chunks`` blocks of [Vt/chunks, D] (the
-    transposed layout of HF's [D, V] lm_head). On the 2-core CPU benchmark (benchmarks/decode.py)
-    this was as fast as [D, V] at batch 1 and faster at batch 8, where XLA:CPU's library path
-    for a [8, D] x [D, 65536] product was erratic. The copy costs the memory of the LM head's
-    text columns (about 3% of a 7B model) for as long as the generator lives; a new params tree
-    replaces it.
-    """
-
-    def __init__(self, config: ChameleonConfig, chunks: int = 2):
-        v = config.vocab_size
-        is_text = np.ones(v, bool)
-        image = np.asarray(config.image_vocab.image_token_ids)
-        is_text[image[image < v]] = False
-        self.config = config
-        self.chunks = max(1, int(chunks))
-        self.text_ids = np.flatnonzero(is_text).astype(np.int32)  # compact id -> token id
-        self.size = int(self.text_ids.size)
-        self.to_compact = np.full(v, self.size, np.int32)  # token id -> compact id (image ids -> size)
-        self.to_compact[self.text_ids] = np.arange(self.size, dtype=np.int32)
-        self._weights = None  # (the lm_head leaf it was built from, the blocks)
-        self._build = jax.jit(self._blocks)
-
-    def _blocks(self, params):
-        c = self.config
-        ids = jnp.asarray(self.text_ids)
-        if c.tie_word_embeddings:
-            w = jnp.take(params["embed_tokens"]["embedding"], ids, axis=0)  # [Vt, D]
-        else:
-            w = jnp.take(params["lm_head"], ids, axis=1).T  # [Vt, D]
-        w = w.astype(jnp.dtype(c.dtype))
-        rows = -(-self.size // self.chunks)
-        w = jnp.pad(w, ((0, rows * self.chunks - self.size), (0, 0)))
-        return tuple(w[i * rows : (i + 1) * rows] for i in range(self.chunks))
-
-    def weights(self, params) -> tuple:
-        """The row blocks for ``params``, built on first use and kept while ``params`` is used."""
-        leaf = params["embed_tokens"]["embedding"] if self.config.tie_word_embeddings else params["lm_head"]
-        if self._weights is None or self._weights[0] is not leaf:
-            self._weights = None  # free the old copy before making the new one
-            self._weights = (leaf, self._build(params))
-        return self._weights[1]
-
-    def __call__(self, x: Array, blocks) -> Array:
-        """Hidden states [B, D] -> text logits [B, Vt] fp32."""
-        dt = jnp.dtype(self.config.dtype)
-        x = x.astype(dt)
-        parts = [jnp.einsum("bd,vd->bv", x, w, preferred_element_type=jnp.float32) for w in blocks]
-        return jnp.concatenate(parts, axis=-1)[:, : self.size]
-
-
 # ---------------------------------------------------------------------------------- generator
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Static shapes of one generate call."""
+    """Static shapes and rules of one generate call (part of the jit cache key)."""
 
-    batch: int
+    batch: int  # prompts
     prompt_bucket: int
     cache_length: int
     max_new_tokens: int
     mode: Mode
+    modality: str = "text"  # "text": stop tokens, text head; "image": exactly max_new_tokens image tokens
+    streams: int = 1  # cache rows per prompt (3: image mode with guidance)
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.streams
 
 
 class Generator:
     """Jitted prefill and decode loop for one model; compiled programs are cached by jax.jit on
-    (batch, prompt bucket, cache length, max_new_tokens, images, mode).
+    the :class:`Plan` and the presence of images.
 
     ``traces`` counts how often each function was traced (= compiled): tests use it.
-    ``put`` places the padded batch arrays (e.g. on a mesh); ``head_chunks``: see :class:`TextHead`.
+    ``put`` places the padded batch arrays (e.g. on a mesh); ``head_chunks``: see :class:`VocabHead`.
     """
 
     def __init__(self, module: Chameleon, config: ChameleonConfig, put=None, head_chunks: int = 2):
         self.module = module
         self.config = config
-        self.head = TextHead(config, head_chunks)
+        self.head_chunks = head_chunks
+        self.heads: dict[str, VocabHead] = {}
         self._put = put or (lambda *arrays: arrays)
         self.traces = collections.Counter()
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("plan",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("plan",), donate_argnames=("state",))
 
+    def head(self, modality: str) -> VocabHead:
+        if modality not in self.heads:
+            self.heads[modality] = (VocabHead.text(self.config, self.head_chunks) if modality == "text"
+                                    else VocabHead.image(self.config))
+        return self.heads[modality]
+
     # ---------------------------------------------------------------- host side
-    def plan(self, batch: int, prompt_length: int, settings: GenerationSettings) -> Plan:
+    def plan(self, batch: int, prompt_length: int, settings: GenerationSettings, modality: str = "text",
+             streams: int = 1) -> Plan:
         bucket = bucket_length(prompt_length)
         return Plan(batch, bucket, bucket_length(bucket + settings.max_new_tokens), settings.max_new_tokens,
-                    settings.mode(self.head.size))
+                    settings.mode(self.head(modality).size), modality, streams)
 
-    def knobs(self, settings: GenerationSettings) -> dict:
-        """The run-time sampling values (jit arguments, so new values never recompile)."""
+    def knobs(self, settings: GenerationSettings, modality: str = "text",
+              guidance: tuple[float, float] = (1.0, 1.0)) -> dict:
+        """The run-time values (jit arguments, so new values never recompile)."""
         c = self.config
-        stop = sorted(set(c.eos_token_ids) | set(settings.stop_token_ids))
-        # in compact ids; image ids (compact id = size) can never be produced, so they drop out
-        stop = sorted({int(self.head.to_compact[t]) for t in stop} - {self.head.size})
+        head = self.head(modality)
+        stop = sorted(set(c.eos_token_ids) | set(settings.stop_token_ids)) if modality == "text" else []
+        # in compact ids; ids outside the head (compact id = size) can never be produced, so they drop out
+        stop = sorted({int(head.to_compact[t]) for t in stop} - {head.size})
         width = max(_STOP_SLOTS, -(-len(stop) // _STOP_SLOTS) * _STOP_SLOTS)
-        stop_ids = np.full((width,), self.head.size, np.int32)  # size = no token (dropped / never equal)
+        stop_ids = np.full((width,), head.size, np.int32)  # size = no token (dropped / never equal)
         stop_ids[: len(stop)] = stop
         return {
             "temperature": np.float32(settings.temperature if settings.temperature > 0 else 1.0),
@@ -171,6 +134,8 @@ class Generator:
             "min_new": np.int32(settings.min_new_tokens),
             "stop_ids": stop_ids,  # compact ids
             "pad": np.int32(self.pad_token_id()),
+            "cfg_text": np.float32(guidance[0]),
+            "cfg_image": np.float32(guidance[1]),
         }
 
     def pad_token_id(self) -> int:
@@ -180,7 +145,7 @@ class Generator:
         return int(c.eos_token_ids[0]) if c.eos_token_ids else 0  # transformers' fallback
 
     def pad_prompt(self, ids: np.ndarray, mask: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarray]:
-        """Left-pad [B, T] ids / mask to [B, bucket] (pad id, mask 0)."""
+        """Left-pad [R, T] ids / mask to [R, bucket] (pad id, mask 0)."""
         extra = bucket - ids.shape[1]
         if extra == 0:
             return ids, mask
@@ -188,32 +153,44 @@ class Generator:
         mask = np.concatenate([np.zeros((mask.shape[0], extra), np.int32), mask], axis=1)
         return ids, mask
 
-    def start(self, params, ids, mask, pixels, settings: GenerationSettings):
-        """Prefill. ids, mask: [B, T] int32 (checked, left-padded); returns (plan, knobs, state)."""
-        plan = self.plan(ids.shape[0], ids.shape[1], settings)
+    def start(self, params, ids, mask, pixels, settings: GenerationSettings, *, modality: str = "text",
+              streams: int = 1, image_order=None, guidance=(1.0, 1.0)):
+        """Prefill. ids, mask: [R, T] int32 (checked, left-padded; R = prompts * streams);
+        ``image_order`` [M] int32: the image (index into ``pixels``) each run of placeholders takes,
+        in order (default: each image once, in order). Returns (plan, knobs, state)."""
+        plan = self.plan(ids.shape[0] // streams, ids.shape[1], settings, modality, streams)
+        knobs = self.knobs(settings, modality, guidance)
         ids, mask = self.pad_prompt(ids, mask, plan.prompt_bucket)
+        if pixels is not None and image_order is None:
+            image_order = np.arange(pixels.shape[0], dtype=np.int32)
         ids, mask, pixels = self._put(ids, mask, pixels)
-        knobs = self.knobs(settings)
-        state = self._prefill(params, self.head.weights(params), ids, mask, pixels, knobs, plan=plan)
+        order = None if image_order is None else np.asarray(image_order, np.int32)
+        state = self._prefill(params, self.head(modality).weights(params), ids, mask, pixels, order, knobs,
+                              plan=plan)
         return plan, knobs, state
 
     def run(self, params, state, knobs, plan: Plan, limit: int):
-        """Decode until ``limit`` tokens exist per row (or every row stopped)."""
-        return self._decode(params, self.head.weights(params), state, knobs, np.int32(limit), plan=plan)
+        """Decode until ``limit`` tokens exist per prompt (or every prompt stopped)."""
+        return self._decode(params, self.head(plan.modality).weights(params), state, knobs, np.int32(limit),
+                            plan=plan)
 
-    def generate(self, params, ids, mask, pixels, settings: GenerationSettings) -> np.ndarray:
-        plan, knobs, state = self.start(params, ids, mask, pixels, settings)
+    def generate(self, params, ids, mask, pixels, settings: GenerationSettings, **kw) -> np.ndarray:
+        plan, knobs, state = self.start(params, ids, mask, pixels, settings, **kw)
         state = self.run(params, state, knobs, plan, plan.max_new_tokens)
-        return np.asarray(state["tokens"])
+        tokens, bad = jax.device_get((state["tokens"], state["nonfinite"]))
+        check_finite(bad)
+        return np.asarray(tokens)
 
     def stream(self, params, ids, mask, pixels, settings: GenerationSettings,
-               chunk: int) -> Iterator[np.ndarray]:
+               chunk: int, **kw) -> Iterator[np.ndarray]:
         """Yields [B, n] token chunks: the first token alone (right after prefill), then up to
-        ``chunk`` tokens at a time, until every row stopped or max_new_tokens are out."""
-        plan, knobs, state = self.start(params, ids, mask, pixels, settings)
+        ``chunk`` tokens at a time, until every prompt stopped or max_new_tokens are out."""
+        plan, knobs, state = self.start(params, ids, mask, pixels, settings, **kw)
         emitted = 0
         while True:
-            step, done, tokens = jax.device_get((state["step"], state["done"], state["tokens"][:, emitted:]))
+            step, done, bad, tokens = jax.device_get(
+                (state["step"], state["done"], state["nonfinite"], state["tokens"][:, emitted:]))
+            check_finite(bad)
             step = int(step)
             if step > emitted:
                 yield np.asarray(tokens[:, : step - emitted])
@@ -222,67 +199,116 @@ class Generator:
                 return
             state = self.run(params, state, knobs, plan, min(step + chunk, plan.max_new_tokens))
 
-    # ---------------------------------------------------------------- device side
-    def _forward(self, params, blocks, ids, positions, mask, pixels, cache, index):
-        """The model on [B, T] tokens -> (text logits of the last position [B, Vt] fp32, cache)."""
-        hidden, cache = self.module.apply({"params": params}, ids, positions, mask, pixels, cache, index,
-                                          method=Chameleon.hidden_states)
-        return self.head(hidden[:, -1], blocks), cache
+    def next_logits(self, params, ids, mask, pixels, *, modality: str = "text", streams: int = 1,
+                    image_order=None, guidance=(1.0, 1.0)) -> np.ndarray:
+        """The first step's logits over the head's tokens after guidance, [B, Vh] float32 numpy:
+        what the loop's first token is chosen from (before temperature and filtering). For tests
+        and research; runs the whole prompt without a cache."""
+        if pixels is not None and image_order is None:
+            image_order = np.arange(pixels.shape[0], dtype=np.int32)
+        if "_next" not in self.__dict__:
+            self._next = jax.jit(self._next_impl, static_argnames=("modality", "streams"))
+        head = self.head(modality)
+        ids, mask, pixels = self._put(ids, mask, pixels)
+        out = self._next(params, head.weights(params), ids, mask, pixels,
+                         None if image_order is None else np.asarray(image_order, np.int32),
+                         np.float32(guidance[0]), np.float32(guidance[1]), modality=modality, streams=streams)
+        return np.asarray(jax.device_get(out))
 
-    def _prefill_impl(self, params, blocks, ids, mask, pixels, knobs, *, plan: Plan):
+    def _next_impl(self, params, blocks, ids, mask, pixels, image_order, s_text, s_image, *, modality, streams):
+        ids = self._merge_images(params, ids, pixels, image_order)
+        logits, _ = self._forward(params, blocks, ids, default_positions(mask), causal_mask(mask), None, None,
+                                  modality)
+        return guide(logits, streams, s_text, s_image)
+
+    def _merge_images(self, params, ids, pixels, image_order):
+        if pixels is None:
+            return ids
+        image_ids = self.module.apply({"params": params}, pixels, method=Chameleon.image_tokens)
+        return self.module.apply({"params": params}, ids, image_ids[image_order], method=Chameleon.merge_image_tokens)
+
+    # ---------------------------------------------------------------- device side
+    def _forward(self, params, blocks, ids, positions, mask, cache, index, modality):
+        """The model on [R, T] tokens -> (logits of the last position [R, Vh] fp32, cache)."""
+        hidden, cache = self.module.apply({"params": params}, ids, positions, mask, None, cache, index,
+                                          method=Chameleon.hidden_states)
+        return self.head(modality)(hidden[:, -1], blocks), cache
+
+    def _choose(self, logits, plan: Plan, knobs, step, seen):
+        """Head logits [R, Vh] -> (compact token per prompt [B], non-finite flag per prompt [B])."""
+        bad = ~jnp.all(jnp.isfinite(logits).reshape(plan.batch, -1), axis=-1)
+        logits = guide(logits, plan.streams, knobs["cfg_text"], knobs["cfg_image"])
+        return choose_tokens(logits, plan.mode, knobs, step, seen), bad
+
+    def _prefill_impl(self, params, blocks, ids, mask, pixels, image_order, knobs, *, plan: Plan):
         self.traces["prefill"] += 1
-        b, t = ids.shape
-        s = plan.cache_length
-        cache = init_cache(self.config, b, s)
-        kv_valid = jnp.zeros((b, s), bool).at[:, :t].set(mask > 0)
+        r, t = ids.shape
+        b, s = plan.batch, plan.cache_length
+        head = self.head(plan.modality)
+        ids = self._merge_images(params, ids, pixels, image_order)
+        cache = init_cache(self.config, r, s)
+        kv_valid = jnp.zeros((r, s), bool).at[:, :t].set(mask > 0)
         logits, cache = self._forward(params, blocks, ids, default_positions(mask),
-                                      cache_mask(kv_valid, 0, t), pixels, cache, 0)
+                                      cache_mask(kv_valid, 0, t), cache, 0, plan.modality)
         seen = None
         if plan.mode.use_penalty:
-            # transformers ignores the left padding and penalizes every prompt token after it.
+            # transformers' generate skips each row's left padding (RepetitionPenaltyLogitsProcessor's
+            # prompt_ignore_length = the padding length), so only real tokens count as seen.
             counted = jnp.cumsum(mask, axis=1) > 0
-            compact = jnp.where(counted, jnp.asarray(self.head.to_compact)[ids], self.head.size)
-            rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
-            seen = jnp.zeros((b, self.head.size + 1), bool).at[rows, compact].set(True)[:, :-1]
-        tok = choose_tokens(logits, plan.mode, knobs, jnp.int32(0), seen)
-        token_ids = jnp.asarray(self.head.text_ids)[tok]
+            compact = jnp.where(counted, jnp.asarray(head.to_compact)[ids], head.size)
+            rows = jnp.broadcast_to(jnp.arange(r)[:, None], ids.shape)
+            seen = jnp.zeros((r, head.size + 1), bool).at[rows, compact].set(True)[:, :-1]
+            seen = seen.reshape(b, plan.streams, -1)[:, 0]
+        tok, bad = self._choose(logits, plan, knobs, jnp.int32(0), seen)
+        token_ids = jnp.asarray(head.token_ids)[tok]
         tokens = jnp.full((b, plan.max_new_tokens), knobs["pad"], jnp.int32).at[:, 0].set(token_ids)
         state = {
+            # per cache row [R, ...]
             "cache": cache,
             "kv_valid": kv_valid,
+            "last": jnp.repeat(token_ids, plan.streams),  # the token fed next
+            "positions": jnp.sum(mask, axis=1).astype(jnp.int32),  # its position
+            # per prompt [B, ...]
             "tokens": tokens,
-            "last": token_ids,
-            "done": jnp.isin(tok, knobs["stop_ids"]),
-            "positions": jnp.sum(mask, axis=1).astype(jnp.int32),  # position of the token fed next
-            "slot": jnp.int32(t),  # cache slot of the token fed next
+            "done": self._stopped(tok, knobs, plan) | bad,
+            "nonfinite": jnp.where(bad, 0, -1).astype(jnp.int32),  # first step with non-finite logits
+            # shared
+            "slot": jnp.int32(t),  # cache slot of the token fed next (one for all rows)
             "step": jnp.int32(1),  # tokens generated so far
         }
         if seen is not None:
             state["seen"] = seen.at[jnp.arange(b), tok].set(True)
         return state
 
+    @staticmethod
+    def _stopped(tok, knobs, plan: Plan):
+        if plan.modality != "text":
+            return jnp.zeros(tok.shape, bool)  # image mode: exactly max_new_tokens tokens
+        return jnp.isin(tok, knobs["stop_ids"])
+
     def _decode_impl(self, params, blocks, state, knobs, limit, *, plan: Plan):
         self.traces["decode"] += 1
-        b = plan.batch
-        text_ids = jnp.asarray(self.head.text_ids)
+        r, b = plan.rows, plan.batch
+        token_table = jnp.asarray(self.head(plan.modality).token_ids)
 
         def cond(st):
-            return (st["step"] < limit) & ~jnp.all(st["done"])
+            return (st["step"] < limit) & ~jnp.all(st["done"]) & ~jnp.any(st["nonfinite"] >= 0)
 
         def body(st):
             slot, step = st["slot"], st["step"]
-            kv_valid = jax.lax.dynamic_update_slice(st["kv_valid"], jnp.ones((b, 1), bool), (0, slot))
+            kv_valid = jax.lax.dynamic_update_slice(st["kv_valid"], jnp.ones((r, 1), bool), (0, slot))
             logits, cache = self._forward(params, blocks, st["last"][:, None], st["positions"][:, None],
-                                          cache_mask(kv_valid, slot, 1), None, st["cache"], slot)
-            tok = choose_tokens(logits, plan.mode, knobs, step, st.get("seen"))
-            token_ids = jnp.where(st["done"], knobs["pad"], text_ids[tok])
+                                          cache_mask(kv_valid, slot, 1), st["cache"], slot, plan.modality)
+            tok, bad = self._choose(logits, plan, knobs, step, st.get("seen"))
+            token_ids = jnp.where(st["done"], knobs["pad"], token_table[tok])
             new = dict(
                 st,
                 cache=cache,
                 kv_valid=kv_valid,
                 tokens=jax.lax.dynamic_update_slice(st["tokens"], token_ids[:, None], (0, step)),
-                last=token_ids,
-                done=st["done"] | jnp.isin(tok, knobs["stop_ids"]),
+                last=jnp.repeat(token_ids, plan.streams),
+                done=st["done"] | self._stopped(tok, knobs, plan) | bad,
+                nonfinite=jnp.where((st["nonfinite"] < 0) & bad, step, st["nonfinite"]),
                 positions=st["positions"] + 1,
                 slot=slot + 1,
                 step=step + 1,
@@ -292,3 +318,15 @@ class Generator:
             return new
 
         return jax.lax.while_loop(cond, body, state)
+
+
+def check_finite(nonfinite) -> None:
+    """Raise ChameleonError when any prompt met non-finite logits (``nonfinite`` [B]: first step or -1)."""
+    nonfinite = np.asarray(nonfinite)
+    rows = np.flatnonzero(nonfinite >= 0)
+    if rows.size:
+        step = int(nonfinite[rows].min())
+        raise ChameleonError(
+            f"generation: the model produced non-finite logits (NaN or inf) at step {step} for row(s) "
+            f"{rows.tolist()}; the checkpoint's weights or the inputs hold NaN/inf (check them with "
+            "jax.tree.map(lambda x: bool(jnp.isfinite(x).all()), model.params))")

@@ -13,6 +13,7 @@ KV-cache contract (shared by the full forward, prefill and one-token decode):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -192,8 +193,14 @@ class Attention(nn.Module):
         scores = jnp.einsum(
             "btkgh,bskh->bkgts", qg, _cast(key, dt), preferred_element_type=jnp.float32
         ) * (dh**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        visible = mask[:, None, None, :, :]
+        scores = jnp.where(visible, scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1)
+        # A query that sees no key at all (a left-pad position) gets a zero output, as transformers'
+        # default (sdpa) attention gives it; softmax alone would average every key, later ones
+        # included, and leak them into the next layer and the loss. Any attention added later must
+        # keep this (tests/test_train_loss.py).
+        probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0).astype(dt)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, _cast(val, dt)).reshape(b, t, h, dh)
         o_bias = 1 if c.attention_bias else 0
         y = Linear("btnh,nhd->btd", (h, dh, d), ("heads", "head_dim", "embed"), o_bias, c.dtype, name="o_proj")(out)
@@ -253,8 +260,10 @@ class Chameleon(nn.Module):
     """Token embeddings, decoder layers, final norm, LM head, and the VQ-VAE image tokenizer.
 
     Param tree: embed_tokens, layers_{i}, norm, lm_head (absent when tied), vqmodel (absent
-    without a vq_config). ``remat_policy`` (a key of :data:`REMAT_POLICIES`) wraps each decoder
-    layer in ``nn.remat`` for training; the param tree is the same for every policy.
+    without a vq_config; its ``decoder`` subtree, codes -> pixels, is optional: checkpoints made
+    for understanding only lack it, and only :meth:`decode_pixels` needs it). ``remat_policy``
+    (a key of :data:`REMAT_POLICIES`) wraps each decoder layer in ``nn.remat`` for training; the
+    param tree is the same for every policy.
     """
 
     config: ChameleonConfig
@@ -306,7 +315,10 @@ class Chameleon(nn.Module):
     def hidden_states(self, input_ids, positions, mask, pixel_values=None, cache=None, cache_index=None):
         """Like ``__call__`` without the LM head: (final-norm hidden states [B, T, D], cache).
 
-        The decode loop calls this and applies its own head to the last position only.
+        The decode loop calls this and applies its own head to the last position only. Applied
+        with ``mutable=["intermediates"]`` it also sows transformers' ``output_hidden_states``
+        tuple as ``intermediates/hidden_states``: the embeddings, each layer's output but the last,
+        and the final-norm output (num_hidden_layers + 1 arrays [B, T, D]); otherwise nothing.
         """
         if pixel_values is not None:
             input_ids = self.merge_image_tokens(input_ids, self.image_tokens(pixel_values))
@@ -315,16 +327,29 @@ class Chameleon(nn.Module):
         inv_freq = rope_inv_freq(c, positions)
         new_cache = {} if cache is not None else None
         for i, layer in enumerate(self.layers):
+            self.sow("intermediates", "hidden_states", x)
             name = f"layers_{i}"
             x, layer_cache = layer(x, positions, mask, inv_freq, None if cache is None else cache[name], cache_index)
             if cache is not None:
                 new_cache[name] = layer_cache
-        return self.norm(x), new_cache
+        out = self.norm(x)
+        self.sow("intermediates", "hidden_states", out)
+        return out, new_cache
 
     def image_tokens(self, pixel_values: Array) -> Array:
         """[N, 3, H, W] -> BPE ids of the image tokens [N, tokens_per_image] int32."""
         codes = self.vqmodel.encode(pixel_values)
         return jnp.asarray(self.config.image_vocab.code_to_bpe)[codes]
+
+    def decode_pixels(self, image_ids: Array) -> Array:
+        """BPE ids of image tokens [N, tokens_per_image] -> pixels [N, C, H, W] float32, unclamped.
+
+        Needs the ``vqmodel/decoder`` params. Ids are not checked here (jitted): an id that is not an
+        image token decodes as code 0; ``ChameleonModel.decode_pixels`` checks them first.
+        """
+        table = jnp.asarray(np.maximum(self.config.image_vocab.bpe_to_code_table, 0))
+        codes = table[jnp.clip(image_ids, 0, table.shape[0] - 1)]
+        return self.vqmodel.decode(codes)
 
     def merge_image_tokens(self, input_ids: Array, image_ids: Array) -> Array:
         placeholder = self.config.image_vocab.image_token_id
@@ -346,25 +371,50 @@ class Chameleon(nn.Module):
             logits = jnp.where(is_image, jnp.finfo(jnp.float32).min, logits)
         return logits
 
-    def init_all(self, input_ids, pixel_values=None):
-        """Touches every submodule so ``init`` creates the whole param tree."""
+    def init_all(self, input_ids, pixel_values=None, vq_decoder: bool = True):
+        """Touches every submodule so ``init`` creates the whole param tree (the VQ decoder too
+        unless ``vq_decoder`` is False)."""
         mask = causal_mask(jnp.ones(input_ids.shape, jnp.int32))
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        if self.config.vq_config is not None:
+        vq = self.config.vq_config
+        if vq is not None:
             self.vqmodel(pixel_values)
+            if vq_decoder:
+                # The decoder's params do not depend on the latent grid: a 1x1 grid creates them cheaply.
+                self.vqmodel.decode_latents(jnp.zeros((1, 1, 1, vq.embed_dim), jnp.float32))
         return self(input_ids, positions, mask)
 
 
-def init_params(config: ChameleonConfig, rng: Array, abstract: bool = False):
-    """Random params (boxed with logical axis names). ``abstract``: shapes only, no memory."""
+def init_params(config: ChameleonConfig, rng: Array, abstract: bool = False, vq_decoder: bool = True):
+    """Random params (boxed with logical axis names). ``abstract``: shapes only, no memory.
+
+    ``vq_decoder``: include the VQ-GAN decoder (``vqmodel/decoder``, codes -> pixels), which
+    transformers' Chameleon has no place for; False gives transformers' param tree.
+    """
+    if abstract:
+        return jax.eval_shape(_init_fn(config, vq_decoder), rng)
+    return _jitted_init_fn(config, vq_decoder)(rng)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_init_fn(config: ChameleonConfig, vq_decoder: bool):
+    # Compiling the init takes tens of seconds on CPU (~0.15 s per param's random draw), so random
+    # models of one config (the demo's, say) compile it once per process.
+    return jax.jit(_init_fn(config, vq_decoder))
+
+
+def _init_fn(config: ChameleonConfig, vq_decoder: bool):
     module = Chameleon(config)
-    ids = jnp.zeros((1, 1), jnp.int32)
-    pixels = None
-    if config.vq_config is not None:
-        r = config.vq_config.resolution
-        pixels = jnp.zeros((1, config.vq_config.in_channels, r, r), jnp.float32)
-    fn = lambda key: module.init(key, ids, pixels, method=Chameleon.init_all)["params"]  # noqa: E731
-    return jax.eval_shape(fn, rng) if abstract else jax.jit(fn)(rng)
+
+    def fn(key):
+        ids = jnp.zeros((1, 1), jnp.int32)
+        pixels = None
+        if config.vq_config is not None:
+            r = config.vq_config.resolution
+            pixels = jnp.zeros((1, config.vq_config.in_channels, r, r), jnp.float32)
+        return module.init(key, ids, pixels, vq_decoder, method=Chameleon.init_all)["params"]
+
+    return fn
 
 
 def init_cache(config: ChameleonConfig, batch: int, length: int, dtype=None) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ..checkpoint.outdir import check_output
 from ..errors import ChameleonError
 from ..model import Chameleon
 from ..sharding import to_host
@@ -72,6 +73,10 @@ class Trainer:
 
         self.tc, self.log = tc, log or (lambda _msg: None)
         self.is_main = jax.process_index() == 0
+        # Before anything is read or written: the run writes under output_dir (checkpoints, final/).
+        check_output(tc.output_dir, [("model", tc.model if model is None else None),
+                                     ("tokenizer", tc.tokenizer if processor is None else None)],
+                     what="train config: output_dir")
         paths = {"model": tc.model, "tokenizer": tc.tokenizer, "data": tc.data}
         if tc.demo:
             assets = build_demo_assets(os.path.join(tc.output_dir, "demo-assets"), seed=tc.seed)
@@ -207,20 +212,47 @@ class Trainer:
         target = tc.steps if max_steps is None else min(tc.steps, self.step + max_steps)
         pending, t0, start = [], time.perf_counter(), len(self.history)
         self._compile_window = True  # the first window's tokens/s includes compiling the step
+        unchecked = None  # (step, metrics) whose loss the host has not looked at yet
         while self.step < target:
             batch = next(self.loader)
             metrics = self.train_step(self.prepare(batch))
             pending.append((self.step, batch["epoch"], batch["index"], metrics))
+            # The previous step's loss is read once this one is queued, so the device never waits
+            # on the host; a checkpoint is only written after its own step's loss was read.
+            if unchecked is not None:
+                self._stop_if_not_finite(*unchecked, pending)
+            unchecked = (self.step, metrics)
             if self.step % tc.log_every == 0 or self.step == target:
                 t0 = self._flush(pending, t0)
                 pending = []
             if self.step % tc.checkpoint_every == 0 and self.step < target:
+                self._stop_if_not_finite(*unchecked, pending)
+                unchecked = None
                 self.save()
+        if unchecked is not None:
+            self._stop_if_not_finite(*unchecked, pending)
         if self.manager.latest_step() != self.step:
             self.save()
         if tc.export_final and self.step == tc.steps:
             self.export(os.path.join(tc.output_dir, "final"))
         return self.history[start:]
+
+    def _stop_if_not_finite(self, step: int, metrics: dict, pending: list) -> None:
+        """Raise ChameleonError if ``step``'s loss or gradient norm is NaN/inf: the params are then
+        no longer usable, so the run stops before any checkpoint holds them (the last one stays)."""
+        loss, grad_norm = float(to_host(metrics["loss"])), float(to_host(metrics["grad_norm"]))
+        if np.isfinite(loss) and np.isfinite(grad_norm):
+            return
+        unlogged = [p for p in pending if p[0] <= step]
+        if unlogged:
+            self._flush(unlogged, time.perf_counter())  # the metrics file shows the bad step
+        last = self.manager.latest_step()
+        where = os.path.join(self.tc.output_dir, "checkpoints")
+        kept = (f"the last good checkpoint (step {last} in {where}) is intact; a new run resumes from it"
+                if last is not None else f"no checkpoint was written to {where}")
+        raise ChameleonError(
+            f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; training stopped at this step "
+            f"without saving. {kept}. Check the model's params and the data for NaN/inf, or lower learning_rate")
 
     def _flush(self, pending, t0) -> float:
         t1 = time.perf_counter()
@@ -318,6 +350,7 @@ class Trainer:
         from ..checkpoint.orbax import TOKENIZER_FILES
 
         tok_dir = self.paths["tokenizer"]
+        check_output(directory, [("model", self.paths["model"]), ("tokenizer", tok_dir)], what="export directory")
         extra = [os.path.join(tok_dir, f) for f in TOKENIZER_FILES
                  if tok_dir and os.path.isfile(os.path.join(tok_dir, f))]
         params = jax.tree.map(lambda x: to_host(x).astype(np.float32), self.params())
