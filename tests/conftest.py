@@ -94,6 +94,17 @@ def random_pixels(n: int, resolution: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1.0, 1.0, (n, 3, resolution, resolution)).astype(np.float32)
 
 
+def left_pad(rows, pad: int = 3):
+    """Token lists -> left-padded ids [B, T] and attention mask (int64, as transformers takes them)."""
+    t = max(map(len, rows))
+    ids = np.full((len(rows), t), pad, np.int64)
+    mask = np.zeros((len(rows), t), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    return ids, mask
+
+
 def text_ids(n: int, seed: int, vocab_size: int = 256) -> list[int]:
     lo = 4 + NUM_CODES + 4
     return [1] + np.random.default_rng(seed).integers(lo, vocab_size, n - 1).tolist()

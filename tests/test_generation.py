@@ -21,20 +21,10 @@ from chameleon_jax.generation.processors import (
     sample_from_logits,
 )
 from chameleon_jax.generation.sampler import bucket_length
-from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
+from conftest import build_hf_model, image_placeholders, left_pad, random_pixels, text_ids
 
 PAD, EOS = 3, 2
 NEW = 32
-
-
-def left_pad(rows, pad=PAD):
-    t = max(map(len, rows))
-    ids = np.full((len(rows), t), pad, np.int64)
-    mask = np.zeros((len(rows), t), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
-    return ids, mask
 
 
 def hf_generate(hf, ids, mask, pixels=None, new=NEW, **kw):

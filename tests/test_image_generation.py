@@ -12,9 +12,8 @@ import torch
 import chameleon_jax as cj
 from chameleon_jax import ChameleonError
 from chameleon_jax.vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
-from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
+from conftest import build_hf_model, image_placeholders, left_pad, random_pixels, text_ids
 
-PAD = 3
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +29,6 @@ def _prompts(hf):
     short = text_ids(5, 11)
     with_image = text_ids(4, 12) + image_placeholders(hf.config, 1) + text_ids(6, 13)[1:] + [vm[BOI_TOKEN]]
     return [short, with_image]
-
-
-def _left_pad(rows):
-    t = max(map(len, rows))
-    ids = np.full((len(rows), t), PAD, np.int64)
-    mask = np.zeros((len(rows), t), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
-    return ids, mask
 
 
 def _reference_streams(hf, prompt, pixels):
@@ -79,7 +68,7 @@ def _code_columns(hf, num_codes):
 def test_first_step_guided_logits_match_transformers(models):
     hf, model = models
     prompts = _prompts(hf)
-    ids, mask = _left_pad(prompts)
+    ids, mask = left_pad(prompts)
     pixels = random_pixels(1, seed=5)
     got = model.image_logits(ids, mask, pixels, guidance_scale_text=3.0, guidance_scale_image=1.2)
     cols = _code_columns(hf, hf.config.vq_config.num_embeddings)
@@ -120,7 +109,7 @@ _GREEDY: dict = {}
 def _batched_greedy(model, hf, scales):
     """Greedy generate_image of the two prompts (computed once per scales, shared by two tests)."""
     if scales not in _GREEDY:
-        ids, mask = _left_pad(_prompts(hf))
+        ids, mask = left_pad(_prompts(hf))
         _GREEDY[scales] = model.generate_image(ids, mask, random_pixels(1, seed=5), guidance_scale_text=scales[0],
                                                guidance_scale_image=scales[1], do_sample=False)
     return _GREEDY[scales]
@@ -150,7 +139,7 @@ def test_batched_rows_equal_rows_alone(models):
         np.testing.assert_array_equal(batched[b], alone[0], err_msg=f"row {b}")
     # with progress reports: the same loop in chunks, the same tokens
     seen = []
-    ids, mask = _left_pad(prompts)
+    ids, mask = left_pad(prompts)
     chunked = model.generate_image(ids, mask, pixels, do_sample=False, progress=lambda n, total: seen.append((n, total)))
     np.testing.assert_array_equal(chunked, batched)
     n = model.config.vq_config.tokens_per_image
@@ -159,7 +148,7 @@ def test_batched_rows_equal_rows_alone(models):
 
 def test_sampling_is_seeded_and_yields_image_tokens(models):
     hf, model = models
-    ids, mask = _left_pad(_prompts(hf)[:1] * 2)
+    ids, mask = left_pad(_prompts(hf)[:1] * 2)
     a = model.generate_image(ids, mask, seed=1)
     b = model.generate_image(ids, mask, seed=1)
     c = model.generate_image(ids, mask, seed=2)
@@ -187,7 +176,7 @@ def test_generate_then_decode_on_the_tiny_demo_checkpoint(tmp_path):
 
 def test_bad_input(models):
     hf, model = models
-    ids, mask = _left_pad(_prompts(hf)[:1])
+    ids, mask = left_pad(_prompts(hf)[:1])
     with pytest.raises(ChameleonError, match="guidance_scale_text: expected a finite number >= 0"):
         model.generate_image(ids, guidance_scale_text=-1.0)
     with pytest.raises(ChameleonError, match="guidance_scale_image"):
