@@ -61,11 +61,19 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",)), (c,), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (c,), jnp.float32)
         n, h, w, _ = x.shape
-        xg = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
-        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
-        return y * scale + bias
+        k = c // self.groups
+        x = x.astype(jnp.float32)
+
+        def group_mean(t):  # [N, H, W, C] -> per-group mean, repeated per channel [N, 1, 1, C]
+            per_group = jnp.sum(t, axis=(1, 2)).reshape(n, self.groups, k).sum(-1) / (h * w * k)
+            return jnp.repeat(per_group, k, axis=1)[:, None, None, :]
+
+        # Two passes as torch does (mean, then the mean square of x - mean). Reducing over the
+        # spatial axes first keeps channels as the minor dim: ~2x faster on XLA:CPU than reducing a
+        # [N, H, W, G, C/G] view at 512x512.
+        d = x - group_mean(x)
+        inv = jax.lax.rsqrt(group_mean(d * d) + self.eps)
+        return d * (inv * scale) + bias
 
 
 def swish(x: Array) -> Array:
