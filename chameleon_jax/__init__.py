@@ -17,4 +17,8 @@ def __getattr__(name):
         from . import training
 
         return getattr(training, name)
+    if name == "demo":  # cj.demo.caption / draw / checkpoint_dir without a separate import
+        import importlib
+
+        return importlib.import_module(".demo", __name__)
     raise AttributeError(f"module 'chameleon_jax' has no attribute {name!r}")

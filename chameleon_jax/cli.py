@@ -4,60 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 
 from .errors import ChameleonError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .demo.run import run
 
-    from . import load
-    from .demo import build_tiny_checkpoint
-    from .vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
-
-    with tempfile.TemporaryDirectory(prefix="chameleon-demo-") as tmp:
-        t0 = time.perf_counter()
-        path = build_tiny_checkpoint(f"{tmp}/tiny", seed=args.seed)
-        t1 = time.perf_counter()
-        model = load(path, dtype="float32")
-        t2 = time.perf_counter()
-        c = model.config
-        n_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(model.params))
-        print(f"built a tiny random checkpoint in {t1 - t0:.2f}s: {path}")
-        print(
-            f"loaded in {t2 - t1:.2f}s: {n_params:,} params, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-            f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads, vocab {c.vocab_size}"
-        )
-        vm = c.vocabulary_map
-        names = {v: k for k, v in vm.items()}
-        rng = np.random.default_rng(args.seed)
-        text = [vm["<s>"]] + rng.integers(vm[IMAGE_TOKEN] + 1, c.vocab_size, 12).tolist()
-        per_image = c.vq_config.tokens_per_image
-        image = [vm[BOI_TOKEN]] + [vm[IMAGE_TOKEN]] * per_image + [vm[EOI_TOKEN]]
-        ids = np.array([text[:6] + image + text[6:]], np.int32)
-        r = c.vq_config.resolution
-        # A smooth synthetic image in the processor's pixel range [-1, 1).
-        yy, xx = np.mgrid[0:r, 0:r] / r
-        pixels = np.stack([xx, yy, 1 - xx]).astype(np.float32)[None] * 2 - 1
-        t3 = time.perf_counter()
-        logits = model.logits(ids, pixel_values=pixels)
-        t4 = time.perf_counter()
-        logits = model.logits(ids, pixel_values=pixels)
-        t5 = time.perf_counter()
-        codes = model.image_tokens(pixels)
-        print(
-            f"prompt: {ids.shape[1]} tokens ({len(text)} text + 1 image of {r}x{r} px -> {per_image} image tokens)"
-        )
-        print(f"forward: {1000 * (t4 - t3):.0f} ms first call (compile), {1000 * (t5 - t4):.1f} ms steady state")
-        print(f"image tokens (first 8 BPE ids): {codes[0, :8].tolist()}")
-        last = logits[0, -1]
-        top = np.argsort(-last)[: args.top]
-        print(f"top {args.top} next tokens:")
-        for i in top:
-            print(f"  {int(i):5d} {names.get(int(i), '?'):>12s}  logit {last[i]:+.4f}")
-    return 0
+    return run(out_dir=args.out_dir, seed=args.seed, preview=args.preview)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -79,40 +34,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     export(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"exported {args.src} -> {args.dst} (HF safetensors)")
     return 0
-
-
-def _generate_demo_processor(config):
-    """A byte-level tokenizer for the demo's tiny vocabulary (no files, no downloads).
-
-    Ids of the specials, image codes and image markers are the tiny checkpoint's; the 256 byte
-    symbols follow, then two-letter filler tokens, so whatever the random model emits decodes to text.
-    """
-    import itertools
-
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    from .processing import ChameleonProcessor, ImageConfig
-
-    from .vocab import IMAGE_TOKEN
-
-    vm = dict(config.vocabulary_map)
-    first_text = vm[IMAGE_TOKEN] + 1
-    vocab = {name: i for name, i in vm.items() if i < first_text}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab.setdefault(ch, len(vocab))
-    letters = "etaoinshrdlucmfwypvbgkjqxz"
-    fillers = ("".join(p) for p in itertools.product(letters, repeat=2))
-    while len(vocab) < config.vocab_size:
-        vocab.setdefault(next(fillers), len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = [name for name, i in vm.items() if i < first_text and name.startswith("<")]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vm["<s>"])])
-    r = config.vq_config.resolution
-    return ChameleonProcessor(tok, image_config=ImageConfig(shortest_edge=r, crop_height=r, crop_width=r),
-                              image_seq_length=config.vq_config.tokens_per_image)
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -160,17 +81,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sampling = args.temperature > 0
     if not sampling and (args.top_k or args.top_p < 1.0):
         raise ChameleonError("--top-k / --top-p only apply when sampling: pass --temperature > 0 as well")
-    with tempfile.TemporaryDirectory(prefix="chameleon-generate-") as tmp:
-        t0 = time.perf_counter()
-        if args.model is None:
-            from .demo import build_tiny_checkpoint
+    t0 = time.perf_counter()
+    if args.model is None:
+        from .demo import checkpoint_dir
 
-            print("no --model: using the demo's tiny random checkpoint (the text is random)", file=sys.stderr)
-            model = load(build_tiny_checkpoint(f"{tmp}/tiny", seed=0), dtype=args.dtype)
-            proc = _generate_demo_processor(model.config)
-        else:
-            model = load(args.model, dtype=args.dtype)
-            proc = ChameleonProcessor.from_pretrained(args.model)
+        args.model = checkpoint_dir()
+        print(f"no --model: using the shipped demo model ({args.model}; it knows the 'shapes' world: "
+              "try --prompt '<image>' --image shape.png, or --mode image --prompt 'a red circle on a "
+              "white background')", file=sys.stderr)
+    model = load(args.model, dtype=args.dtype)
+    proc = ChameleonProcessor.from_pretrained(args.model)
     prompt = args.prompt
     images = list(args.image or [])
     if images and proc.image_token not in prompt:
@@ -266,12 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser(
         "demo",
-        help="build a tiny random checkpoint (no downloads), load it and run a forward pass with an image",
-        description="Builds a tiny random Chameleon checkpoint in a temp dir, loads it, runs a forward pass "
-        "over a prompt holding an image and prints sizes, timings and the top next tokens.",
+        help="the shipped demo model (no downloads) captions shapes, draws two prompts, completes text",
+        description="Loads the tiny Chameleon that ships with the package (trained here on the 'shapes' world: "
+        "one colored circle, square or triangle on a white, black or gray 64x64 canvas), captions three freshly "
+        "drawn shapes (truth beside each caption), draws two prompts with classifier-free guidance into PNGs, "
+        "runs one text completion and prints timings and the next commands to try.",
     )
-    d.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
-    d.add_argument("--top", type=int, default=5, help="how many top next tokens to print (default 5)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the shapes to caption and of the drawing (default 0)")
+    d.add_argument("--out-dir", default="chameleon-demo", metavar="DIR",
+                   help="where the drawn PNGs go (created if missing; default ./chameleon-demo)")
+    d.add_argument("--preview", action=argparse.BooleanOptionalAction, default=None,
+                   help="show the drawings in the terminal as colored half-blocks (default: when stdout is a "
+                   "terminal)")
     d.set_defaults(func=_cmd_demo)
     c = sub.add_parser(
         "convert",
@@ -306,14 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text from a prompt (and images), streamed as it is produced",
         description="Tokenize --prompt (with --image files) with the checkpoint's processor, generate "
         "with a jitted prefill + on-device decode loop and print the text as it streams. Greedy unless "
-        "--temperature > 0. Without --model, runs the demo's tiny random checkpoint (random text; no "
+        "--temperature > 0. Without --model, runs the shipped demo model (trained on the 'shapes' world; no "
         "downloads). Timing goes to stderr, text to stdout. With --mode image it draws images instead "
         "(--out, --num-images, --cfg-text, --cfg-image; sampling with --temperature 0.7 --top-p 0.9 unless "
         "given, as Meta's defaults) and reports progress on stderr.",
     )
     g.add_argument("--model", metavar="DIR", default=None,
                    help="checkpoint directory (HF layout or converted) holding the tokenizer files too; "
-                   "default: the demo's tiny random checkpoint")
+                   "default: the shipped demo model (chameleon_jax/demo/checkpoint)")
     g.add_argument("--prompt", required=True, metavar="TEXT",
                    help="the prompt; each <image> in it takes the next --image (without any, the images "
                    "go first)")

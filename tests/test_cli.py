@@ -11,17 +11,22 @@ import pytest
 from chameleon_jax import cli
 
 
-def test_demo_runs_and_reports(capsys):
-    assert cli.main(["demo", "--top", "3"]) == 0
+def test_demo_runs_and_reports(capsys, tmp_path):
+    from PIL import Image
+
+    from chameleon_jax.demo import world
+
+    assert cli.main(["demo", "--out-dir", str(tmp_path / "out"), "--preview"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"loaded in [\d.]+s: [\d,]+ params", out)
-    assert "1 image of 32x32 px -> 256 image tokens" in out
-    assert re.search(r"forward: \d+ ms first call \(compile\), [\d.]+ ms steady state", out)
-    tops = re.findall(r"^\s+(\d+)\s+(\S+)\s+logit ([+-][\d.]+)$", out, re.M)
-    assert len(tops) == 3
-    logits = [float(t[2]) for t in tops]
-    assert logits == sorted(logits, reverse=True)
-    assert all(name.startswith("tok") for _, name, _ in tops)  # image tokens are suppressed
+    assert re.search(r"loaded the shipped demo model in [\d.]+s", out)
+    rows = re.findall(r"^  \[(ok |MISS)\] truth: (.+?)\s+model: (.*)$", out, re.M)
+    assert len(rows) == 3 and all(world.parse_caption(truth) for _, truth, _ in rows)
+    pngs = sorted((tmp_path / "out").glob("draw-*.png"))
+    assert len(pngs) == 2 and all(str(p) in out for p in pngs)
+    assert Image.open(pngs[0]).size == (256, 256)
+    assert "\u2580" in out and "\x1b[38;2;" in out  # the half-block preview
+    assert re.search(r"'a purple' -> 'a purple .+'", out)
+    assert "Next:" in out and "chameleon-jax generate --mode image" in out
 
 
 def test_help_explains_every_subcommand():
@@ -29,7 +34,7 @@ def test_help_explains_every_subcommand():
     assert out.returncode == 0
     assert "demo" in out.stdout
     out = subprocess.run([sys.executable, "-m", "chameleon_jax.cli", "demo", "--help"], capture_output=True, text=True)
-    assert "--seed" in out.stdout and "--top" in out.stdout
+    assert "--seed" in out.stdout and "--out-dir" in out.stdout
 
 
 def test_version(capsys):

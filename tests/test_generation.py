@@ -476,10 +476,14 @@ def test_cli_generate_help_explains_every_flag():
     assert "greedy" in out.stdout
 
 
-def test_cli_generate_without_model_uses_the_tiny_demo(capsys):
+def test_cli_generate_without_model_uses_the_shipped_demo(capsys, tmp_path):
     from chameleon_jax import cli
+    from chameleon_jax.demo import world
+    from PIL import Image
 
-    assert cli.main(["generate", "--prompt", "hello there", "--max-new-tokens", "5"]) == 0
+    path = tmp_path / "shape.png"
+    Image.fromarray(world.render(world.Scene("green", "circle", "gray", 8, 12, 40))).save(path)
+    assert cli.main(["generate", "--prompt", "<image>", "--image", str(path), "--max-new-tokens", "12"]) == 0
     out, err = capsys.readouterr()
-    assert "tiny random checkpoint" in err and "5 tokens in" in err
-    assert out.endswith("\n")
+    assert "shipped demo model" in err and "tokens in" in err
+    assert out.endswith("\n") and world.parse_caption(out) == ("green", "circle", "gray"), out

@@ -31,8 +31,10 @@ def test_wheel_install_loads_preset(tmp_path):
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     code = ("import chameleon_jax as cj, os; c = cj.load_preset('chameleon-7b'); "
             "print(os.path.dirname(cj.__file__)); print(c.num_hidden_layers, c.hidden_size, "
-            "cj.load_preset('chameleon-30b').num_hidden_layers)")
+            "cj.load_preset('chameleon-30b').num_hidden_layers); d = cj.demo.checkpoint_dir(); "
+            "print(d); print(cj.load(d).config.vq_config.tokens_per_image)")
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}).stdout.split("\n")
     assert out[0].startswith(site), out  # the installed copy, not the source tree
     assert out[1] == "32 4096 48"
+    assert out[2].startswith(site) and out[3] == "64", out  # the shipped demo model is package data

@@ -1,7 +1,16 @@
-"""The embedded default: a tiny random Chameleon checkpoint built on the spot (no downloads)."""
+"""The embedded default: a tiny Chameleon trained on the "shapes" world, shipped with the package.
+
+``checkpoint_dir()`` is its HF-layout directory (loads with ``cj.load`` and
+``ChameleonProcessor.from_pretrained`` like any checkpoint); :func:`caption` and :func:`draw` use it
+with the prompt templates it was trained on. The world and its pixel classifier: :mod:`.world`;
+how it was trained (two stages, one command each): :mod:`.train_vq`, :mod:`.train_lm`.
+
+Also here: a tiny *random* checkpoint builder (``build_tiny_checkpoint``) for tests and benchmarks.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -79,3 +88,56 @@ def build_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, config: C
     )
     save_hf(params, config, os.fspath(directory))
     return os.fspath(directory)
+
+
+# ------------------------------------------------------------------ the trained demo model
+def checkpoint_dir() -> str:
+    """The shipped, trained demo checkpoint (HF layout, VQ-GAN decoder included)."""
+    path = os.path.join(os.path.dirname(__file__), "checkpoint")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        from ..errors import ChameleonError
+
+        raise ChameleonError(f"{path}: the demo checkpoint is missing from this install "
+                             "(python -m chameleon_jax.demo.train_lm rebuilds it)")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load_demo():
+    """(model, processor) of the shipped demo checkpoint, float32, loaded once per process."""
+    from ..api import load
+    from ..processing import ChameleonProcessor
+
+    path = checkpoint_dir()
+    return load(path, dtype="float32"), ChameleonProcessor.from_pretrained(path)
+
+
+CAPTION_PROMPT = "<image>"  # the template the demo model was trained on (the processor adds <sep>)
+
+
+def caption(images, max_new_tokens: int = 12) -> list[str]:
+    """Greedy captions of images (PIL images, file paths or uint8 [H, W, 3] arrays; 64x64 is native,
+    others are resized and center-cropped by the processor)."""
+    model, proc = load_demo()
+    images = list(images)
+    if not images:
+        return []
+    batch = proc(text=[CAPTION_PROMPT] * len(images), images=images, padding=True)
+    new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                         max_new_tokens=max_new_tokens)
+    return [t.strip() for t in proc.batch_decode(new, skip_special_tokens=True)]
+
+
+def draw(captions, seed: int = 0, *, guidance_scale_text: float = 3.0, guidance_scale_image: float = 1.2,
+         do_sample: bool = True, temperature: float = 0.7, top_p: float = 0.9, progress=None) -> list:
+    """One 64x64 PIL image per caption, drawn by the demo model in image mode (Meta's 3-stream
+    classifier-free guidance; both scales 1.0 turn it off)."""
+    model, proc = load_demo()
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    if not captions:
+        return []
+    batch = proc(text=captions, padding=True)
+    ids = model.generate_image(batch["input_ids"], batch["attention_mask"], guidance_scale_text=guidance_scale_text,
+                               guidance_scale_image=guidance_scale_image, do_sample=do_sample,
+                               temperature=temperature, top_p=top_p, seed=seed, progress=progress)
+    return model.decode_images(ids)

@@ -22,10 +22,9 @@ def build_demo_assets(directory: str, num_examples: int = 16, seed: int = 0) -> 
     JSONL of text and chat records, in ``directory``: ``model/`` (checkpoint + tokenizer),
     ``images/``, ``data.jsonl``. Returns their paths. Idempotent: an existing complete set is kept."""
     from PIL import Image
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
     from ..processing import ChameleonProcessor, ImageConfig
-    from ..vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SEP_TOKEN, image_code_name
+    from .text import word_tokenizer, word_vocabulary
 
     directory = os.path.abspath(directory)
     paths = {"model": os.path.join(directory, "model"), "data": os.path.join(directory, "data.jsonl"),
@@ -35,16 +34,7 @@ def build_demo_assets(directory: str, num_examples: int = 16, seed: int = 0) -> 
         return paths
     config = tiny_config()
     vq = config.vq_config
-    vm = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for code in range(vq.num_embeddings):
-        vm[image_code_name(code)] = len(vm)
-    specials = [BOI_TOKEN, EOI_TOKEN, SEP_TOKEN, IMAGE_TOKEN]
-    for name in specials:
-        vm[name] = len(vm)
-    for word in list(_DEMO_COLORS) + list(_DEMO_WORDS):
-        vm.setdefault(word, len(vm))
-    for i in range(len(vm), config.vocab_size):
-        vm[f"tok{i}"] = i
+    vm = word_vocabulary(vq.num_embeddings, list(_DEMO_COLORS) + list(_DEMO_WORDS), config.vocab_size)
     config = config.replace(vocabulary_map=vm)
     os.makedirs(directory, exist_ok=True)
     if os.path.exists(paths["model"]):
@@ -52,12 +42,7 @@ def build_demo_assets(directory: str, num_examples: int = 16, seed: int = 0) -> 
 
         shutil.rmtree(paths["model"])
     build_tiny_checkpoint(paths["model"], seed=seed, config=config)
-    tok = Tokenizer(models.WordLevel(vocab=vm, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in ["<unk>", "<s>", "</s>", "<pad>"] + specials])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", vm["<s>"])])
+    tok = word_tokenizer(vm)
     r = vq.resolution
     proc = ChameleonProcessor(tok, image_config=ImageConfig(shortest_edge=r, crop_height=r, crop_width=r),
                               image_seq_length=vq.tokens_per_image)

@@ -11,6 +11,9 @@ Record forms (one JSON object per line; other keys are ignored):
 
   The loss covers each assistant ``{content}`` and the ``</s>`` after it. A message whose
   ``content`` holds no ``<image>`` but lists images gets ``<image>\\n`` per image in front.
+- ``{"input_ids": [1, 260, ...], "labels": [...]}``: already tokenized, image tokens included (e.g.
+  images tokenized once up front with ``model.image_tokens``); taken as is, no bos/eos added.
+  ``labels`` (same length; -100 = no loss) defaults to ``input_ids`` (trained on every token).
 
 Image paths are relative to the JSONL file's directory. Each ``<image>`` becomes
 ``boi + image_seq_length x <image> + eoi``; the frozen VQ-VAE later turns the placeholders into
@@ -114,8 +117,10 @@ def _parse_record(line: str, directory: str, image_token: str) -> tuple[list[Seg
                        "are listed")
         return text
 
-    if "text" in rec and "messages" in rec:
-        raise _Bad('has both "text" and "messages"; use one form per record')
+    if sum(k in rec for k in ("text", "messages", "input_ids")) > 1:
+        raise _Bad('has more than one of "text", "messages", "input_ids"; use one form per record')
+    if "input_ids" in rec:
+        return _token_record(rec), True
     if "text" in rec:
         text = rec["text"]
         if not isinstance(text, str):
@@ -152,6 +157,25 @@ def _parse_record(line: str, directory: str, image_token: str) -> tuple[list[Seg
     return segments, False
 
 
+def _token_record(rec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A pre-tokenized record -> (ids, labels) int32; raises _Bad on malformed input."""
+    def ints(key):
+        v = rec[key]
+        if not isinstance(v, list) or not v or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise _Bad(f'"{key}" must be a non-empty list of integers')
+        return np.asarray(v, np.int64)
+
+    if "images" in rec:
+        raise _Bad('"input_ids" records hold their image tokens already; drop "images"')
+    ids = ints("input_ids")
+    labels = ints("labels") if "labels" in rec else ids.copy()
+    if len(labels) != len(ids):
+        raise _Bad(f'"labels" has {len(labels)} entries but "input_ids" has {len(ids)}')
+    if (labels < IGNORE_INDEX).any() or ((labels < 0) & (labels != IGNORE_INDEX)).any():
+        raise _Bad(f'"labels" entries must be token ids or {IGNORE_INDEX}')
+    return ids, labels
+
+
 class _Tokenizer:
     """Text segments -> ids with each ``<image>`` expanded to boi + N x <image> + eoi."""
 
@@ -161,6 +185,7 @@ class _Tokenizer:
         self.bos, self.eos = p.bos_token_id, p.eos_token_id
         self.boi, self.eoi, self.image_id = p.boi_token_id, p.eoi_token_id, p.image_token_id
         self.per_image = p.image_seq_length
+        self.vocab_size = p.tokenizer.get_vocab_size(with_added_tokens=True)
         if self.eos is None:
             raise ChameleonError("tokenizer: no eos_token (needed to end documents and assistant turns)")
 
@@ -209,6 +234,22 @@ def read_jsonl(path: str, processor, *, max_length: int, truncate: bool = False,
         where = f"{path}:{lineno}"
         try:
             segments, is_document = _parse_record(line, directory, tok.image_token)
+            if isinstance(segments, tuple):  # pre-tokenized
+                ids_a, labels = segments
+                top = max(int(ids_a.max()), int(labels.max()))
+                if ids_a.min() < 0 or top >= tok.vocab_size:
+                    raise _Bad(f"token ids must lie in [0, {tok.vocab_size}) (the tokenizer's vocabulary), "
+                               f"got {int(ids_a.min())}..{top}")
+                if tok.image_id is not None and (ids_a == tok.image_id).any():
+                    raise _Bad("input_ids hold the <image> placeholder; put the image's tokens in its place")
+                if len(ids_a) > max_length:
+                    if not truncate:
+                        raise _Bad(f"{len(ids_a)} tokens is longer than max_length {max_length}; raise "
+                                   "max_length or set truncate=true to cut it")
+                    ids_a, labels = ids_a[:max_length], labels[:max_length]
+                    stats["truncated"] += 1
+                examples.append(Example(ids_a.astype(np.int32), labels.astype(np.int32), (), where))
+                continue
             images = [p for _, _, imgs in segments for p in imgs]
             for img in images:
                 if not os.path.isfile(img):
