@@ -26,6 +26,10 @@ def test_wheel_install_loads_preset(tmp_path):
     # Install the wheel's files (a wheel is a zip laid out for site-packages), then borrow the test
     # venv's dependencies (jax, flax, ...) through a path entry placed after it. The editable
     # install's finder in that directory is not activated by a plain path entry.
+    members = zipfile.ZipFile(wheel).infolist()
+    demo_bytes = sum(m.file_size for m in members if m.filename.startswith("chameleon_jax/demo/checkpoint/"))
+    assert 0 < demo_bytes <= 15 * 2**20, demo_bytes  # the shipped demo weights: at most 15 MB
+    assert not any("/stages/" in m.filename for m in members)  # training intermediates stay in the repo
     zipfile.ZipFile(wheel).extractall(site)
     with open(os.path.join(site, "zz_deps.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
