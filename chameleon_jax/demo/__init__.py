@@ -20,6 +20,7 @@ from flax import linen as nn
 from ..checkpoint.hf import save_hf
 from ..config import ChameleonConfig, VQConfig
 from ..vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SEP_TOKEN, image_code_name
+from . import world  # noqa: F401  (cj.demo.world: the shapes world and its classifier)
 
 TINY_NUM_CODES = 256
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from ..vocab import SEP_TOKEN
 from . import caption, checkpoint_dir, draw, load_demo, world
 
 DRAW_PROMPTS = ("a red circle on a white background", "an orange triangle on a black background")
@@ -67,7 +68,9 @@ def run(out_dir: str = "chameleon-demo", seed: int = 0, preview: bool | None = N
 
     t = time.perf_counter()
     batch = proc(text=["a purple"], return_for_text_completion=True)
-    new = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8)
+    # A caption ends where the model was taught to start an image (<sep>, the chat separator).
+    new = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8,
+                         stop_token_ids=[c.vocabulary_map[SEP_TOKEN]])
     print(f"\n3. text completion ({time.perf_counter() - t:.1f}s): 'a purple' -> "
           f"'a purple {proc.batch_decode(new, skip_special_tokens=True)[0].strip()}'")
 
