@@ -369,17 +369,22 @@ class ChameleonModel:
         return float(fns[key](self.params, ids, labels, mask, pos, pixels, lm, jnp.float32(z_loss)))
 
 
-def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None) -> ChameleonModel:
+def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, local_files_only: bool | None = None,
+         revision: str | None = None) -> ChameleonModel:
     """Load a Chameleon checkpoint directory.
 
-    ``path``: an HF directory (config.json + model.safetensors or a sharded index) or a
-    directory written by ``chameleon-jax convert`` (Orbax). ``dtype``: params are cast to it and
+    ``path``: an HF directory (config.json + model.safetensors or a sharded index), a
+    directory written by ``chameleon-jax convert`` (Orbax), or a Hugging Face Hub id such as
+    ``"facebook/chameleon-7b"`` (through ``huggingface_hub``: its cache, ``HF_TOKEN``,
+    ``HF_HUB_OFFLINE`` / ``local_files_only``, ``revision``; see :mod:`chameleon_jax.hub`). ``dtype``: params are cast to it and
     it becomes the compute dtype ("float32", "bfloat16"); None keeps the checkpoint's dtype.
     ``mesh`` (from :func:`chameleon_jax.make_mesh`): params are placed straight into their
     shardings (sharding.RULES); an Orbax directory is restored slice by slice, so no host holds
     the whole model. ``logits`` and ``generate`` then run over the mesh with the batch sharded.
     """
-    path = os.fspath(path)
+    from .hub import resolve
+
+    path = resolve(path, local_files_only=local_files_only, revision=revision)
     if not os.path.isdir(path):
         raise ChameleonError(f"{path}: no such directory (expected an HF or converted Chameleon checkpoint directory)")
     config = ChameleonConfig.from_json_file(os.path.join(path, "config.json"))

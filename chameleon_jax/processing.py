@@ -121,12 +121,16 @@ class ChameleonProcessor:
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, normalization: str = "hf",
+                        local_files_only: bool | None = None, revision: str | None = None,
                         **kwargs) -> "ChameleonProcessor":
         """Load an HF dir (tokenizer.json + configs), Meta's release dir (tokenizer/text_tokenizer.json;
-        ``<reserved08707>`` becomes ``<image>``, BOS is prepended, as transformers' converter does), or
-        either JSON file. ``normalization="meta"``: Meta's ``x / 127.5 - 1`` instead of HF's
-        ``x * 0.0078 - 1``. Other kwargs (max_length, image_seq_length, ...) go to ``__init__``."""
-        tok_file = _find_tokenizer_file(Path(path))
+        ``<reserved08707>`` becomes ``<image>``, BOS is prepended, as transformers' converter does),
+        either JSON file, or a Hugging Face Hub id (as :func:`chameleon_jax.load` resolves it).
+        ``normalization="meta"``: Meta's ``x / 127.5 - 1`` instead of HF's ``x * 0.0078 - 1``.
+        Other kwargs (max_length, image_seq_length, ...) go to ``__init__``."""
+        from .hub import resolve
+
+        tok_file = _find_tokenizer_file(Path(resolve(path, local_files_only=local_files_only, revision=revision)))
         directory, meta = tok_file.parent, tok_file.name == "text_tokenizer.json"
         tok_json = read_json(tok_file, "tokenizer file")
         if meta:
