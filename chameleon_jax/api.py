@@ -376,8 +376,8 @@ def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, l
     ``path``: an HF directory (config.json + model.safetensors or a sharded index), a
     directory written by ``chameleon-jax convert`` (Orbax), or a Hugging Face Hub id such as
     ``"facebook/chameleon-7b"`` (through ``huggingface_hub``: its cache, ``HF_TOKEN``,
-    ``HF_HUB_OFFLINE`` / ``local_files_only``, ``revision``; see :mod:`chameleon_jax.hub`). ``dtype``: params are cast to it and
-    it becomes the compute dtype ("float32", "bfloat16"); None keeps the checkpoint's dtype.
+    ``HF_HUB_OFFLINE`` / ``local_files_only``, ``revision``; see :mod:`chameleon_jax.hub`).
+    ``dtype``: params are cast to it and it becomes the compute dtype ("float32", "bfloat16"); None keeps the checkpoint's dtype.
     ``mesh`` (from :func:`chameleon_jax.make_mesh`): params are placed straight into their
     shardings (sharding.RULES); an Orbax directory is restored slice by slice, so no host holds
     the whole model. ``logits`` and ``generate`` then run over the mesh with the batch sharded.

@@ -92,9 +92,12 @@ def build_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, config: C
 
 
 # ------------------------------------------------------------------ the trained demo model
+CHECKPOINT_DIR = os.path.join(os.path.dirname(__file__), "checkpoint")
+
+
 def checkpoint_dir() -> str:
     """The shipped, trained demo checkpoint (HF layout, VQ-GAN decoder included)."""
-    path = os.path.join(os.path.dirname(__file__), "checkpoint")
+    path = CHECKPOINT_DIR
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         from ..errors import ChameleonError
 

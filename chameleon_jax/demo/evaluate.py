@@ -44,9 +44,10 @@ def vq_reconstruction(n: int = 200, seed: int = 11) -> dict:
     model, _ = load_demo()
     imgs, scenes = world.sample(n, seed=seed, split="eval")
     codes = model.image_tokens(processor_pixels(imgs))
-    kept = np.mean([world.classify(im) == s.attributes for im, s in zip(model.decode_images(codes), scenes)])
+    images = model.decode_images(codes)
+    kept = np.mean([world.classify(im) == s.attributes for im, s in zip(images, scenes)])
     return {"psnr_db": psnr(model.decode_pixels(codes), meta_pixels(imgs)), "caption_kept": float(kept),
-            "image_size": model.decode_images(codes[:1])[0].size}
+            "image_size": images[0].size}
 
 
 def main(argv=None) -> None:

@@ -16,10 +16,7 @@ DRAW_PROMPTS = ("a red circle on a white background", "an orange triangle on a b
 
 def half_blocks(images, width: int = 32) -> str:
     """Images side by side as terminal art: one '▀' per 2 pixel rows (24-bit ANSI colors)."""
-    arrays = []
-    for im in images:
-        a = np.asarray(im.convert("RGB").resize((width, width)))
-        arrays.append(a)
+    arrays = [np.asarray(im.convert("RGB").resize((width, width))) for im in images]
     rows = []
     for y in range(0, width, 2):
         line = []

@@ -31,13 +31,12 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import ChameleonConfig
-from . import world
+from ..vocab import BOI_TOKEN, EOI_TOKEN, SEP_TOKEN
+from . import CHECKPOINT_DIR, world
 from .text import word_tokenizer, word_vocabulary
-from .train_vq import VQ_PATH, demo_vq_config, load_vq, processor_pixels
+from .train_vq import VQ_PATH, demo_vq_config, encode_images, load_vq
 
-CHECKPOINT_DIR = os.path.join(os.path.dirname(__file__), "checkpoint")
 WORDS = ("a", "an", "on", "background", *world.COLORS, *world.SHAPES, *world.BACKGROUNDS)
-CAPTION_PROMPT = "<image>"  # caption(): the image, then the model writes its caption
 
 
 def demo_config() -> ChameleonConfig:
@@ -63,23 +62,13 @@ def demo_processor(config: ChameleonConfig | None = None):
                               max_length=config.max_position_embeddings)
 
 
-def encode_images(vq_params, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """uint8 [N, 64, 64, 3] -> VQ codes int32 [N, 64]."""
-    from ..model.vqvae import VQVAE
-
-    module = VQVAE(demo_vq_config())
-    enc = jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQVAE.encode))
-    out = [np.asarray(enc(vq_params, processor_pixels(images[i:i + batch]))) for i in range(0, len(images), batch)]
-    return np.concatenate(out)
-
-
 def build_records(config: ChameleonConfig, codes: np.ndarray, scenes, seed: int) -> list[dict]:
     """Pre-tokenized training records, half image -> caption, half caption -> image."""
     tok = word_tokenizer(config.vocabulary_map)
     vm = config.vocabulary_map
     vocab = config.image_vocab
     bos, eos = config.bos_token_id, config.eos_token_id
-    boi, eoi, sep = vm["<racm3:break>"], vm["<eoss>"], vm["<reserved08706>"]
+    boi, eoi, sep = vm[BOI_TOKEN], vm[EOI_TOKEN], vm[SEP_TOKEN]
     rng = np.random.default_rng(seed)
     records = []
     for c, scene in zip(codes, scenes):

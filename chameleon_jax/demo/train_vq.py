@@ -14,6 +14,7 @@ for a while are restarted on random encoder outputs of the current batch. Fresh 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 from flax import traverse_util
 
 from ..config import VQConfig
@@ -57,8 +59,6 @@ def init_vq_params(cfg: VQConfig, seed: int) -> dict:
     k1, k2 = jax.random.split(jax.random.key(seed))
     enc = module.init(k1, x)["params"]
     dec = module.init(k2, jnp.zeros((1, 1), jnp.int32), method=VQVAE.decode)["params"]
-    from flax import linen as nn
-
     return nn.unbox({**dec, **enc})
 
 
@@ -150,19 +150,29 @@ def load_vq(path: str = VQ_PATH) -> dict:
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in load_file(path).items()})
 
 
+@functools.lru_cache(maxsize=1)
+def _coders():
+    module = VQVAE(demo_vq_config())
+    return (jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQVAE.encode)),
+            jax.jit(lambda p, c: module.apply({"params": p}, c, method=VQVAE.decode)))
+
+
+def encode_images(params: dict, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """uint8 [N, 64, 64, 3] -> VQ codes int32 [N, 64], through the processor's normalization."""
+    enc = _coders()[0]
+    return np.concatenate([np.asarray(enc(params, processor_pixels(images[i:i + batch])))
+                           for i in range(0, len(images), batch)])
+
+
 def evaluate(params: dict, n: int = 200, seed: int = 1234) -> dict:
     """Held-out reconstruction: mean PSNR and how often the classifier still reads the caption."""
-    cfg = demo_vq_config()
-    module = VQVAE(cfg)
     imgs, scenes = world.sample(n, seed=seed, split="eval")
-    enc = jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQVAE.encode))
-    dec = jax.jit(lambda p, c: module.apply({"params": p}, c, method=VQVAE.decode))
-    codes = enc(params, jnp.asarray(processor_pixels(imgs)))
-    recon = np.asarray(dec(params, codes))
+    codes = encode_images(params, imgs)
+    recon = np.asarray(_coders()[1](params, codes))
     out = np.clip((recon + 1) * 127.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
     kept = np.mean([world.classify(o) == s.attributes for o, s in zip(out, scenes)])
     return {"psnr": psnr(recon, meta_pixels(imgs)), "caption_kept": float(kept),
-            "codes_used": int(len(np.unique(np.asarray(codes))))}
+            "codes_used": int(len(np.unique(codes)))}
 
 
 def main(argv=None) -> None:

@@ -92,9 +92,10 @@ class _Bad(Exception):
 Segment = tuple[str | None, bool, list[str]]  # (text, or None for </s>; trained; image paths)
 
 
-def _parse_record(line: str, directory: str, image_token: str) -> tuple[list[Segment], bool]:
-    """A JSONL line -> ([(text segment or None for </s>, trained, image paths)], is_document);
-    raises _Bad on malformed input."""
+def _parse_record(line: str, directory: str, tok: "_Tokenizer") -> tuple[list[Segment], bool]:
+    """A JSONL line -> ([(text segment or None for </s>, trained, image paths)], is_document), or
+    for a pre-tokenized record ((ids, labels), True); raises _Bad on malformed input."""
+    image_token = tok.image_token
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
@@ -120,7 +121,7 @@ def _parse_record(line: str, directory: str, image_token: str) -> tuple[list[Seg
     if sum(k in rec for k in ("text", "messages", "input_ids")) > 1:
         raise _Bad('has more than one of "text", "messages", "input_ids"; use one form per record')
     if "input_ids" in rec:
-        return _token_record(rec), True
+        return _token_record(rec, tok), True
     if "text" in rec:
         text = rec["text"]
         if not isinstance(text, str):
@@ -157,8 +158,9 @@ def _parse_record(line: str, directory: str, image_token: str) -> tuple[list[Seg
     return segments, False
 
 
-def _token_record(rec: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A pre-tokenized record -> (ids, labels) int32; raises _Bad on malformed input."""
+def _token_record(rec: dict, tok: "_Tokenizer") -> tuple[np.ndarray, np.ndarray]:
+    """A pre-tokenized record -> (ids, labels) int64, checked against the tokenizer's vocabulary;
+    raises _Bad on malformed input."""
     def ints(key):
         v = rec[key]
         if not isinstance(v, list) or not v or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
@@ -171,8 +173,14 @@ def _token_record(rec: dict) -> tuple[np.ndarray, np.ndarray]:
     labels = ints("labels") if "labels" in rec else ids.copy()
     if len(labels) != len(ids):
         raise _Bad(f'"labels" has {len(labels)} entries but "input_ids" has {len(ids)}')
-    if (labels < IGNORE_INDEX).any() or ((labels < 0) & (labels != IGNORE_INDEX)).any():
+    if ((labels < 0) & (labels != IGNORE_INDEX)).any():
         raise _Bad(f'"labels" entries must be token ids or {IGNORE_INDEX}')
+    top = max(int(ids.max()), int(labels.max()))
+    if ids.min() < 0 or top >= tok.vocab_size:
+        raise _Bad(f"token ids must lie in [0, {tok.vocab_size}) (the tokenizer's vocabulary), "
+                   f"got {int(ids.min())}..{top}")
+    if tok.image_id is not None and (ids == tok.image_id).any():
+        raise _Bad("input_ids hold the <image> placeholder; put the image's tokens in its place")
     return ids, labels
 
 
@@ -233,15 +241,9 @@ def read_jsonl(path: str, processor, *, max_length: int, truncate: bool = False,
         stats["lines"] += 1
         where = f"{path}:{lineno}"
         try:
-            segments, is_document = _parse_record(line, directory, tok.image_token)
-            if isinstance(segments, tuple):  # pre-tokenized
+            segments, is_document = _parse_record(line, directory, tok)
+            if isinstance(segments, tuple):  # pre-tokenized: taken as is, only cut to max_length
                 ids_a, labels = segments
-                top = max(int(ids_a.max()), int(labels.max()))
-                if ids_a.min() < 0 or top >= tok.vocab_size:
-                    raise _Bad(f"token ids must lie in [0, {tok.vocab_size}) (the tokenizer's vocabulary), "
-                               f"got {int(ids_a.min())}..{top}")
-                if tok.image_id is not None and (ids_a == tok.image_id).any():
-                    raise _Bad("input_ids hold the <image> placeholder; put the image's tokens in its place")
                 if len(ids_a) > max_length:
                     if not truncate:
                         raise _Bad(f"{len(ids_a)} tokens is longer than max_length {max_length}; raise "
