@@ -334,6 +334,23 @@ class ChameleonModel:
                   guidance=(isettings.guidance_scale_text, isettings.guidance_scale_image))
         return gen, (rows, row_mask), pixels, loop, kw
 
+    def generate_interleaved(self, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens: int = 64,
+                             max_images: int = 1, text: dict | None = None, image: dict | None = None,
+                             seed: int = 0, stop_token_ids=()) -> list:
+        """Mixed-modal output: per row, a list of ``("text", ids)`` and ``("image", ids)`` segments.
+
+        Text mode runs until the model emits the begin-of-image token; image mode then draws that
+        image (guidance and sampling from ``image``, as :meth:`generate_image` takes them), the
+        end-of-image token is appended and text mode resumes, until a stop token, ``max_new_tokens``
+        text tokens in all, or ``max_images`` images. ``text``: :meth:`generate`'s sampling settings.
+        Details: :mod:`chameleon_jax.generation.interleaved`.
+        """
+        from .generation.interleaved import generate_interleaved
+
+        return generate_interleaved(self, input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens,
+                                    max_images=max_images, text=text, image=image, seed=seed,
+                                    stop_token_ids=stop_token_ids)
+
     # ------------------------------------------------------------------ training loss (model/loss.py)
     def loss(self, input_ids, labels=None, attention_mask=None, pixel_values=None, position_ids=None, *,
              loss_mask=None, loss_on: str = "all", image_targets: bool = False, z_loss: float = 0.0) -> float:
