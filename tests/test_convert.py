@@ -52,6 +52,18 @@ def test_roundtrip_hf_orbax_hf(src, tmp_path):
     np.testing.assert_array_equal(_hf_logits(again, ids, pixels=pixels), _hf_logits(hf, ids, pixels=pixels))
 
 
+def test_relative_paths(src, tmp_path, monkeypatch):
+    """Orbax itself refuses relative paths; convert, export and load must take them (found by notebook 04)."""
+    _, d = src
+    monkeypatch.chdir(tmp_path)
+    convert(str(d), "rel-orbax", progress=False)
+    export("rel-orbax", "rel-back")
+    orig, back = _tensors(d), _tensors(tmp_path / "rel-back")
+    assert set(orig) == set(back) and all(np.array_equal(orig[k], back[k]) for k in orig)
+    model = cj.load("rel-orbax")
+    assert np.array_equal(model.params["lm_head"], cj.load(str(d)).params["lm_head"])
+
+
 def test_bf16_source_stays_bf16_and_sharded_export(src, tmp_path):
     hf, _ = src
     hf16 = tmp_path / "bf16"

@@ -66,7 +66,7 @@ def write_orbax(directory: str, config: ChameleonConfig, source, dtype=None, ext
             flat[path] = convert_tensor(source.get(name), layout, shape, dtype)
             dtypes[path] = str(flat[path].dtype)
         tree = traverse_util.unflatten_dict(flat, sep="/")  # {group: subtree}
-        ckpt.save(os.path.join(directory, "params", group), tree)
+        ckpt.save(os.path.abspath(os.path.join(directory, "params", group)), tree)  # Orbax wants absolute
         ckpt.wait_until_finished()
         del flat, tree
     if progress:
@@ -113,7 +113,7 @@ def read_orbax(directory: str, config: ChameleonConfig, shardings: Mapping | Non
         target = traverse_util.unflatten_dict(abstract, sep="/")
         gdir = os.path.join(directory, "params", group)
         try:
-            restored = ckpt.restore(gdir, target)
+            restored = ckpt.restore(os.path.abspath(gdir), target)
         except Exception as e:  # Orbax raises many types; name the group dir
             raise ChameleonError(f"{gdir}: cannot restore ({type(e).__name__}: {e})") from None
         for path, x in traverse_util.flatten_dict(restored, sep="/").items():
@@ -145,7 +145,7 @@ def _stored_dtypes(directory: str, meta: Mapping, paths, fallback: np.dtype) -> 
     for group in sorted({p.split("/")[0] for p in paths}):
         gdir = os.path.join(directory, "params", group)
         try:
-            info = ckpt.metadata(gdir)
+            info = ckpt.metadata(os.path.abspath(gdir))
             info = getattr(info, "item_metadata", info)
             tree = getattr(info, "tree", info)
             out.update({p: np.dtype(m.dtype) for p, m in traverse_util.flatten_dict(dict(tree), sep="/").items()})
