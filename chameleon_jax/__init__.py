@@ -7,7 +7,7 @@ from .processing import ChameleonProcessor
 from .sharding import make_mesh
 
 __all__ = ["ChameleonConfig", "ChameleonError", "ChameleonModel", "ChameleonProcessor", "TrainConfig", "Trainer",
-           "VQConfig", "load", "load_preset", "make_mesh"]
+           "VQConfig", "convert", "export", "load", "load_preset", "make_mesh"]
 __version__ = "0.1.0"
 
 
@@ -17,6 +17,10 @@ def __getattr__(name):
         from . import training
 
         return getattr(training, name)
+    if name in ("convert", "export"):  # checkpoint conversion (chameleon-jax convert / export)
+        from .checkpoint import convert as conversion
+
+        return getattr(conversion, name)
     if name == "demo":  # cj.demo.caption / draw / checkpoint_dir without a separate import
         import importlib
 
