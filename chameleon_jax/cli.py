@@ -46,6 +46,13 @@ def _check_generate_args(args: argparse.Namespace) -> None:
             raise ChameleonError(f"{flag}: expected {want}, got {got}")
 
     image = args.mode == "image"
+    if args.mode == "interleaved":
+        need(args.out is not None, "--out", "a PNG path for --mode interleaved (image i goes to OUT-i.png)", None)
+        need(args.max_images >= 0, "--max-images", "an integer >= 0", args.max_images)
+        for flag, v in (("--cfg-text", args.cfg_text), ("--cfg-image", args.cfg_image)):
+            need(math.isfinite(v) and v >= 0, flag, "a finite number >= 0 (1 = off)", v)
+        need(os.path.isdir(os.path.dirname(os.path.abspath(args.out))), "--out", "a file in an existing directory",
+             args.out)
     if args.temperature is None:
         args.temperature = 0.7 if image else 0.0
     if args.top_p is None:
@@ -100,6 +107,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"loaded in {t1 - t0:.1f}s; prompt: {batch['input_ids'].shape[1]} tokens", file=sys.stderr)
     if args.mode == "image":
         return _generate_images(args, model, batch, sampling, t1)
+    if args.mode == "interleaved":
+        return _generate_interleaved(args, model, proc, batch, sampling, t1)
     stream = model.generate_stream(
         batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
         max_new_tokens=args.max_new_tokens, do_sample=sampling, temperature=args.temperature or 1.0,
@@ -127,6 +136,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_png(image, path: str) -> None:
+    import os
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)  # a failed write leaves any previous file intact
+
+
+def _generate_interleaved(args: argparse.Namespace, model, proc, batch, sampling: bool, t1: float) -> int:
+    import os
+
+    text = dict(do_sample=sampling, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty)
+    image = dict(guidance_scale_text=args.cfg_text, guidance_scale_image=args.cfg_image)  # Meta's sampling
+    (segments,) = model.generate_interleaved(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                                             max_new_tokens=args.max_new_tokens, max_images=args.max_images,
+                                             text=text, image=image, seed=args.seed)
+    stem, ext = os.path.splitext(args.out)
+    n = 0
+    for kind, ids in segments:
+        if kind == "text":
+            sys.stdout.write(proc.decode(ids, skip_special_tokens=True))
+        else:
+            path = f"{stem}-{n}{ext or '.png'}"
+            _save_png(model.decode_images(ids[None])[0], path)
+            sys.stdout.write(f"\n[image: {path}]\n")
+            n += 1
+    sys.stdout.write("\n")
+    print(f"{len(segments)} segment(s), {n} image(s) in {time.perf_counter() - t1:.2f}s (includes compiling)",
+          file=sys.stderr)
+    return 0
+
+
 def _generate_images(args: argparse.Namespace, model, batch, sampling: bool, t1: float) -> int:
     import os
 
@@ -150,9 +192,7 @@ def _generate_images(args: argparse.Namespace, model, batch, sampling: bool, t1:
     stem, ext = os.path.splitext(args.out)
     paths = [args.out] if n == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
     for image, path in zip(images, paths):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)  # a failed write leaves any previous file intact
+        _save_png(image, path)
         print(path)
     print(f"{n} image(s), {codes.shape[1]} tokens each, in {t2 - t1:.2f}s (includes compiling); decoded in "
           f"{time.perf_counter() - t2:.2f}s", file=sys.stderr)
@@ -266,19 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="params and compute dtype (default float32; bfloat16 for TPU/GPU)")
     g.add_argument("--chunk-size", type=int, default=8, metavar="N",
                    help="tokens generated per on-device loop between prints (default 8)")
-    g.add_argument("--mode", choices=["text", "image"], default="text",
+    g.add_argument("--mode", choices=["text", "image", "interleaved"], default="text",
                    help="text (default): generate text; image: generate images (Meta's image mode with "
-                   "classifier-free guidance) and write them as PNG files to --out")
+                   "classifier-free guidance) and write them as PNG files to --out; interleaved: text until the "
+                   "model opens an image, that image (guided, temperature 0.7, top-p 0.9) to FILE-i.png, then "
+                   "text again (--temperature/--top-* apply to the text)")
     g.add_argument("--out", metavar="FILE.png", default=None,
                    help="--mode image: where to write the image (required); with --num-images N > 1, "
-                   "FILE-0.png .. FILE-<N-1>.png")
+                   "FILE-0.png .. FILE-<N-1>.png. --mode interleaved: image i goes to FILE-i.png (required)")
+    g.add_argument("--max-images", type=int, default=1, metavar="N",
+                   help="--mode interleaved: at most N images (default 1); the model's next begin-of-image ends it")
     g.add_argument("--num-images", type=int, default=1, metavar="N",
                    help="--mode image: images to draw for the prompt, in one batch (seeds differ per image; default 1)")
     g.add_argument("--cfg-text", type=float, default=3.0, metavar="S",
-                   help="--mode image: guidance scale of the text condition (default 3.0; 1 with --cfg-image 1 = "
-                   "no guidance)")
+                   help="--mode image / interleaved: guidance scale of the text condition (default 3.0; 1 with "
+                   "--cfg-image 1 = no guidance)")
     g.add_argument("--cfg-image", type=float, default=1.2, metavar="S",
-                   help="--mode image: guidance scale of the image condition (default 1.2)")
+                   help="--mode image / interleaved: guidance scale of the image condition (default 1.2)")
     g.set_defaults(func=_cmd_generate)
     t = sub.add_parser(
         "train",

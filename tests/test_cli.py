@@ -84,3 +84,24 @@ def test_other_commands_check_flags(capsys, tmp_path):
     assert "--max-shard-gb: expected a size in GiB > 0" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(tmp_path / "c.json"), "--max-steps", "0"]) == 2
     assert "--max-steps: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_generate_interleaved_mode(capsys, tmp_path):
+    """The demo model completes a caption, opens an image, and the image lands in OUT-0.png."""
+    from PIL import Image
+
+    from chameleon_jax.demo import world
+
+    out = tmp_path / "mixed.png"
+    assert cli.main(["generate", "--mode", "interleaved", "--prompt", "a blue", "--text-completion",
+                     "--out", str(out), "--max-new-tokens", "20"]) == 0
+    text = capsys.readouterr().out
+    words, marker = text.strip().split("\n")[0].strip(), f"[image: {tmp_path / 'mixed-0.png'}]"
+    assert marker in text
+    drawn = world.classify(Image.open(tmp_path / "mixed-0.png"))
+    assert world.parse_caption(f"a blue {words}") == drawn, (words, drawn)
+    assert cli.main(["generate", "--mode", "interleaved", "--prompt", "a blue"]) == 2
+    assert "--out: expected a PNG path for --mode interleaved" in capsys.readouterr().err
+    assert cli.main(["generate", "--mode", "interleaved", "--prompt", "a", "--out", str(out),
+                     "--max-images", "-1"]) == 2
+    assert "--max-images: expected an integer >= 0" in capsys.readouterr().err
