@@ -256,6 +256,18 @@ REMAT_POLICIES = {
 }
 
 
+def head_logits(config: ChameleonConfig, x: Array, w: Array, suppress_image_tokens: bool = True) -> Array:
+    """Hidden states [..., D] @ head ``w`` [D, V] -> fp32 logits [..., V]; image tokens at the fp32 min
+    when ``suppress_image_tokens`` (transformers' forward)."""
+    logits = matmul_2d(_cast(x, w.dtype), w, 1, jnp.float32)
+    image_ids = config.image_vocab.image_token_ids
+    if suppress_image_tokens and len(image_ids):
+        is_image = np.zeros((config.vocab_size,), bool)
+        is_image[image_ids[image_ids < config.vocab_size]] = True
+        logits = jnp.where(is_image, jnp.finfo(jnp.float32).min, logits)
+    return logits
+
+
 class Chameleon(nn.Module):
     """Token embeddings, decoder layers, final norm, LM head, and the VQ-VAE image tokenizer.
 
@@ -358,18 +370,15 @@ class Chameleon(nn.Module):
         order = jnp.clip(jnp.cumsum(is_slot) - 1, 0, image_ids.size - 1)
         return jnp.where(is_slot, image_ids.reshape(-1)[order], flat).reshape(input_ids.shape)
 
-    def logits(self, x: Array, suppress_image_tokens: bool = True) -> Array:
-        """Final hidden states [B, T, D] -> logits [B, T, V] fp32; image tokens at the fp32 min."""
+    def head_weight(self) -> Array:
+        """The LM head [D, V] in the compute dtype (the embeddings transposed when tied)."""
         c = self.config
         dt = jnp.dtype(c.dtype)
-        w = _cast(self.embed_tokens.embedding, dt).T if c.tie_word_embeddings else _cast(self.lm_head, dt)
-        logits = matmul_2d(_cast(x, dt), w, 1, jnp.float32)
-        image_ids = c.image_vocab.image_token_ids
-        if suppress_image_tokens and len(image_ids):
-            is_image = np.zeros((c.vocab_size,), bool)
-            is_image[image_ids[image_ids < c.vocab_size]] = True
-            logits = jnp.where(is_image, jnp.finfo(jnp.float32).min, logits)
-        return logits
+        return _cast(self.embed_tokens.embedding, dt).T if c.tie_word_embeddings else _cast(self.lm_head, dt)
+
+    def logits(self, x: Array, suppress_image_tokens: bool = True) -> Array:
+        """Final hidden states [B, T, D] -> logits [B, T, V] fp32; image tokens at the fp32 min."""
+        return head_logits(self.config, x, self.head_weight(), suppress_image_tokens)
 
     def init_all(self, input_ids, pixel_values=None, vq_decoder: bool = True):
         """Touches every submodule so ``init`` creates the whole param tree (the VQ decoder too
