@@ -60,3 +60,12 @@ def test_bad_plan_arguments():
 def test_compiles_for_tpu_v5e_2x4(task):
     res = plan(_config(), "v5e:2x4", {"fsdp": 4, "tensor": 2}, task=task, seq=32, batch=4)
     assert res.devices == 8 and res.total_bytes > 0 and res.fits()
+
+
+def test_plan_cli_names_the_flag(capsys):
+    from chameleon_jax.cli import main
+
+    assert main(["plan", "--model", "7b", "--topology", "v5e"]) == 2
+    assert "--topology" in capsys.readouterr().err
+    assert main(["plan", "--model", "7b", "--topology", "cpu:1", "--mesh", "fsdp=two"]) == 2
+    assert "--mesh" in capsys.readouterr().err
