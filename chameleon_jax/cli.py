@@ -196,7 +196,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise ChameleonError(f"--{key}: expected an integer >= 1, got {getattr(args, key)}")
     res = plan(config, args.topology, parse_mesh(args.mesh), task=args.task, seq=args.seq, batch=args.batch,
                remat=args.remat, dtype=args.dtype, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
-               base_dtype=args.base_dtype)
+               base_dtype=args.base_dtype, scan=args.scan)
     print(json.dumps(dataclasses.asdict(res)) if args.json else res.table())
     return 0
 
@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--loss-chunk", type=int, default=0,
                     help="train/lora: LM head + loss over chunks of this many tokens (0: whole sequence)")
     pl.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank (all projections)")
+    pl.add_argument("--scan", action="store_true",
+                    help="train: scanned decoder layers (one nn.scan; params stacked [L, ...])")
     pl.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     pl.set_defaults(func=_cmd_plan)
     return p

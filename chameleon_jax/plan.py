@@ -51,6 +51,9 @@ def topology_devices(topology: str) -> tuple[list, int | None]:
         raise ChameleonError(f"--topology {topology!r}: jax.experimental.topologies unavailable ({e})") from None
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{gen}-{math.prod(int(s) for s in shape.split('x'))}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if "tpu" not in os.environ.get("JAX_PLATFORMS", "tpu"):
+        # Compiling only (no TPU attached): several planner processes may hold libtpu at once.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     except Exception as e:
@@ -111,7 +114,7 @@ def _abstract(shapes, shardings, dtype=None):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh), shapes, shardings)
 
 
-def abstract_train_state(config: ChameleonConfig, mesh, tc):
+def abstract_train_state(config: ChameleonConfig, mesh, tc, scan: bool = False):
     """(state, frozen, their shardings, tx) as ShapeDtypeStructs carrying shardings, as Trainer builds them."""
     from .checkpoint.hf import expected_params
     from .sharding import param_shardings
@@ -125,6 +128,13 @@ def abstract_train_state(config: ChameleonConfig, mesh, tc):
     base = _tree({k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(base_dtype), sharding=flat_sh[k]) for k, v in flat.items()})
     base_sh = _tree(flat_sh)
     tx = make_optimizer(tc)
+    if scan:
+        from .model.decoder import stack_layers
+
+        n = config.num_hidden_layers
+        base = stack_layers(base, n, stack=lambda xs: jax.ShapeDtypeStruct(
+            (n,) + xs[0].shape, xs[0].dtype, sharding=NamedSharding(mesh, P(None, *xs[0].sharding.spec))))
+        base_sh = stack_layers(base_sh, n, stack=lambda xs: NamedSharding(mesh, P(None, *xs[0].spec)))
     if tc.lora is not None:
         adapters = jax.eval_shape(lambda p: lora_lib.init_adapters(tc.lora, p, jax.random.key(0)), base)
         param_sh = jax.tree.map(lambda _: replicated, adapters)
@@ -141,7 +151,7 @@ def abstract_train_state(config: ChameleonConfig, mesh, tc):
 
 def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, task: str = "train", seq: int = 4096,
          batch: int = 8, remat: str = "full", dtype: str = "bfloat16", loss_chunk: int = 0, lora_rank: int = 16,
-         base_dtype: str = "bfloat16") -> PlanResult:
+         base_dtype: str = "bfloat16", scan: bool = False) -> PlanResult:
     """Compile ``task`` for ``topology`` on abstract params and return its per-device memory figures."""
     from .model.decoder import Chameleon
     from .sharding import make_mesh
@@ -151,6 +161,8 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
 
     if task not in TASKS:
         raise ChameleonError(f"--task {task!r}: expected one of {list(TASKS)}")
+    if scan and task != "train":
+        raise ChameleonError("--scan: only with --task train (LoRA and the KV cache use the per-layer tree)")
     devices, hbm = topology_devices(topology)
     sizes = {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
     if math.prod(sizes.values()) != len(devices):
@@ -163,8 +175,8 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
         tc = TrainConfig(demo=True, compute_dtype=dtype, remat=remat, loss_chunk=loss_chunk, batch_size=batch,
                          max_length=seq, base_dtype=base_dtype if task == "lora" else "float32",
                          lora=LoraConfig(rank=lora_rank, targets=("all",)) if task == "lora" else None)
-        state, frozen, shardings, frozen_sh, tx = abstract_train_state(cfg, m, tc)
-        module = Chameleon(cfg, remat_policy=remat)
+        state, frozen, shardings, frozen_sh, tx = abstract_train_state(cfg, m, tc, scan)
+        module = Chameleon(cfg, remat_policy=remat, scan_layers=scan)
         step = make_train_step(module, tx, tc, shardings, frozen_sh, m, tc.lora)
         tok = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32, sharding=tokens_sh)
         args = (state, frozen, {"input_ids": tok, "labels": tok, "attention_mask": tok})
