@@ -81,8 +81,11 @@ class PlanResult:
     compile_s: float
     flops: float | None = None
     bytes_accessed: float | None = None  # per step (cost analysis)
+    error: str | None = None  # XLA's out-of-memory message when the program does not fit (figures from it)
 
     def fits(self) -> bool | None:
+        if self.error:
+            return False
         return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
 
     def table(self) -> str:
@@ -95,6 +98,8 @@ class PlanResult:
                 ("HBM / chip", "n/a" if self.hbm_bytes is None else g(self.hbm_bytes)),
                 ("fits", {None: "n/a", True: "yes", False: "NO"}[self.fits()]),
                 ("compile time", f"{self.compile_s:.1f} s")]
+        if self.error:
+            rows.append(("XLA", self.error))
         if self.bytes_accessed is not None:
             rows.append(("bytes accessed / step", g(self.bytes_accessed)))
         w = max(len(k) for k, _ in rows)
@@ -216,7 +221,20 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
         params_bytes = per_device_bytes(params)
         cache_bytes = per_device_bytes(cache)
     t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    lowered = fn.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XLA:TPU refuses programs that exceed HBM: report that, with its figures
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg:
+            raise
+        compile_s = time.perf_counter() - t0
+        known = params_bytes + opt_bytes + cache_bytes
+        temp = _gib_in(msg, r"temporaries \(([\d.]+)G\)")
+        need = _gib_in(msg, r"(?:total memory required|program requires)[^(]*\(([\d.]+)G\)")
+        total = known + temp if temp else need or known
+        return PlanResult(task, topology, sizes, len(devices), params_bytes, opt_bytes, cache_bytes, known, 0, 0,
+                          temp, total, hbm, compile_s, error=msg.splitlines()[0][:300])
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -226,6 +244,13 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
                       mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                       mem.temp_size_in_bytes, total, hbm, compile_s,
                       flops=(cost or {}).get("flops"), bytes_accessed=(cost or {}).get("bytes accessed"))
+
+
+def _gib_in(message: str, pattern: str) -> int:
+    import re
+
+    m = re.search(pattern, message)
+    return int(float(m.group(1)) * GiB) if m else 0
 
 
 def parse_mesh(text: str) -> dict:
