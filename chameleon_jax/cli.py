@@ -217,6 +217,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import os
+
+    from .config import ChameleonConfig, load_preset
+    from .plan import parse_mesh, plan
+
+    if args.model in ("7b", "30b"):
+        config = load_preset(f"chameleon-{args.model}")
+    elif os.path.isdir(args.model):
+        config = ChameleonConfig.from_json_file(os.path.join(args.model, "config.json"))
+    else:
+        config = load_preset(args.model)
+    for key in ("seq", "batch"):
+        if getattr(args, key) < 1:
+            raise ChameleonError(f"--{key}: expected an integer >= 1, got {getattr(args, key)}")
+    res = plan(config, args.topology, parse_mesh(args.mesh), task=args.task, seq=args.seq, batch=args.batch,
+               remat=args.remat, dtype=args.dtype, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
+               base_dtype=args.base_dtype, scan=args.scan)
+    print(json.dumps(dataclasses.asdict(res)) if args.json else res.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -343,6 +367,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None,
                    help="run at most this many steps now, then checkpoint and exit (the next run resumes)")
     t.set_defaults(func=_cmd_train)
+    pl = sub.add_parser(
+        "plan",
+        help="compile a train step or decode step for a TPU slice on abstract params; print per-device memory",
+        description="Compile the real train step (task train or lora) or one decode step (task generate) of a "
+        "model on abstract params (no weights are read) for a device topology, and print per-device bytes "
+        "(params, optimizer state, KV cache, XLA's arguments and temporaries, total) against the chip's HBM, "
+        "and the compile time. TPU topologies need the tpu-aot extra (libtpu); run with JAX_PLATFORMS=cpu.",
+    )
+    pl.add_argument("--model", default="7b", help="7b, 30b (the presets), a checkpoint directory or a config.json")
+    pl.add_argument("--topology", required=True, help="v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:2x2 ... or cpu:N")
+    pl.add_argument("--mesh", default="fsdp=8", help="mesh axes whose product is the device count: fsdp=8 or "
+                    "data=2,fsdp=2,tensor=2")
+    pl.add_argument("--task", default="train", choices=["train", "lora", "generate"], help="what to compile")
+    pl.add_argument("--seq", type=int, default=4096, help="tokens per row (train) or KV-cache length (generate)")
+    pl.add_argument("--batch", type=int, default=8, help="global batch (rows)")
+    pl.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],
+                    help="rematerialization policy of the decoder layers (train, lora)")
+    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="compute dtype (generate: the params' dtype too); master params stay float32")
+    pl.add_argument("--base-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="lora: dtype of the frozen base params")
+    pl.add_argument("--loss-chunk", type=int, default=0,
+                    help="train/lora: LM head + loss over chunks of this many tokens (0: whole sequence)")
+    pl.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank (all projections)")
+    pl.add_argument("--scan", action="store_true",
+                    help="train: scanned decoder layers (one nn.scan; params stacked [L, ...])")
+    pl.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    pl.set_defaults(func=_cmd_plan)
     return p
 
 

@@ -256,6 +256,18 @@ REMAT_POLICIES = {
 }
 
 
+def head_logits(config: ChameleonConfig, x: Array, w: Array, suppress_image_tokens: bool = True) -> Array:
+    """Hidden states [..., D] @ head ``w`` [D, V] -> fp32 logits [..., V]; image tokens at the fp32 min
+    when ``suppress_image_tokens`` (transformers' forward)."""
+    logits = matmul_2d(_cast(x, w.dtype), w, 1, jnp.float32)
+    image_ids = config.image_vocab.image_token_ids
+    if suppress_image_tokens and len(image_ids):
+        is_image = np.zeros((config.vocab_size,), bool)
+        is_image[image_ids[image_ids < config.vocab_size]] = True
+        logits = jnp.where(is_image, jnp.finfo(jnp.float32).min, logits)
+    return logits
+
+
 class Chameleon(nn.Module):
     """Token embeddings, decoder layers, final norm, LM head, and the VQ-VAE image tokenizer.
 
@@ -268,6 +280,7 @@ class Chameleon(nn.Module):
 
     config: ChameleonConfig
     remat_policy: str = "none"
+    scan_layers: bool = False  # one nn.scan over the layers: params "layers" stacked [L, ...] (no KV cache)
 
     def setup(self):
         c = self.config
@@ -282,7 +295,15 @@ class Chameleon(nn.Module):
         layer_cls = DecoderLayer
         if self.remat_policy != "none":
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy])
-        self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        if self.scan_layers:
+            # One traced layer instead of L: compile time stops growing with depth. The param tree holds
+            # "layers" with a leading layer axis (logical name "layers"); stack_layers / unstack_layers
+            # convert to and from the per-layer tree checkpoints use.
+            self.layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
+        else:
+            self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), name="norm")
         if not c.tie_word_embeddings:
             self.lm_head = self.param(
@@ -326,6 +347,12 @@ class Chameleon(nn.Module):
         c = self.config
         inv_freq = rope_inv_freq(c, positions)
         new_cache = {} if cache is not None else None
+        if self.scan_layers:
+            if cache is not None:
+                raise ValueError("scan_layers: the KV cache needs the per-layer tree (unstack_layers)")
+            x, _ = self.layers(x, positions, mask, inv_freq)
+            out = self.norm(x)
+            return out, None
         for i, layer in enumerate(self.layers):
             self.sow("intermediates", "hidden_states", x)
             name = f"layers_{i}"
@@ -358,18 +385,15 @@ class Chameleon(nn.Module):
         order = jnp.clip(jnp.cumsum(is_slot) - 1, 0, image_ids.size - 1)
         return jnp.where(is_slot, image_ids.reshape(-1)[order], flat).reshape(input_ids.shape)
 
-    def logits(self, x: Array, suppress_image_tokens: bool = True) -> Array:
-        """Final hidden states [B, T, D] -> logits [B, T, V] fp32; image tokens at the fp32 min."""
+    def head_weight(self) -> Array:
+        """The LM head [D, V] in the compute dtype (the embeddings transposed when tied)."""
         c = self.config
         dt = jnp.dtype(c.dtype)
-        w = _cast(self.embed_tokens.embedding, dt).T if c.tie_word_embeddings else _cast(self.lm_head, dt)
-        logits = matmul_2d(_cast(x, dt), w, 1, jnp.float32)
-        image_ids = c.image_vocab.image_token_ids
-        if suppress_image_tokens and len(image_ids):
-            is_image = np.zeros((c.vocab_size,), bool)
-            is_image[image_ids[image_ids < c.vocab_size]] = True
-            logits = jnp.where(is_image, jnp.finfo(jnp.float32).min, logits)
-        return logits
+        return _cast(self.embed_tokens.embedding, dt).T if c.tie_word_embeddings else _cast(self.lm_head, dt)
+
+    def logits(self, x: Array, suppress_image_tokens: bool = True) -> Array:
+        """Final hidden states [B, T, D] -> logits [B, T, V] fp32; image tokens at the fp32 min."""
+        return head_logits(self.config, x, self.head_weight(), suppress_image_tokens)
 
     def init_all(self, input_ids, pixel_values=None, vq_decoder: bool = True):
         """Touches every submodule so ``init`` creates the whole param tree (the VQ decoder too
@@ -383,6 +407,32 @@ class Chameleon(nn.Module):
                 # The decoder's params do not depend on the latent grid: a 1x1 grid creates them cheaply.
                 self.vqmodel.decode_latents(jnp.zeros((1, 1, 1, vq.embed_dim), jnp.float32))
         return self(input_ids, positions, mask)
+
+
+def stack_layers(params, num_layers: int, stack=None) -> dict:
+    """Per-layer tree (``layers_0`` .. ``layers_{L-1}``) -> the scanned tree (``layers``: each leaf
+    stacked on a new leading axis). ``stack`` maps a list of L leaves to one (default ``jnp.stack``)."""
+    stack = stack or (lambda xs: jnp.stack(xs))
+    names = [f"layers_{i}" for i in range(num_layers)]
+    missing = [n for n in names if n not in params]
+    if missing or "layers" in params:
+        raise ValueError(f"stack_layers: expected layers_0..layers_{num_layers - 1} and no 'layers'; "
+                         f"missing {missing[:3]}")
+    out = {k: v for k, v in params.items() if k not in names}
+    out["layers"] = jax.tree.map(lambda *xs: stack(list(xs)), *[params[n] for n in names])
+    return out
+
+
+def unstack_layers(params) -> dict:
+    """The scanned tree (``layers`` [L, ...]) -> the per-layer tree checkpoints hold (``layers_i``)."""
+    if "layers" not in params:
+        raise ValueError("unstack_layers: no 'layers' entry (already per-layer?)")
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return out
 
 
 def init_params(config: ChameleonConfig, rng: Array, abstract: bool = False, vq_decoder: bool = True):

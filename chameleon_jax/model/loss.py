@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ChameleonError
-from .decoder import Chameleon, causal_mask, default_positions
+from .decoder import Chameleon, causal_mask, default_positions, head_logits
 
 IGNORE_INDEX = -100
 LOSS_ON = ("all", "text", "image")
@@ -64,7 +64,10 @@ def loss_sums(logits, labels):
 
     logits [B, T, V] fp32; labels [B, T] unshifted (position t's logits predict labels[t + 1]).
     """
-    targets = shifted_targets(labels)
+    return _target_sums(logits, shifted_targets(labels))
+
+
+def _target_sums(logits, targets):
     valid = targets != IGNORE_INDEX
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
@@ -73,24 +76,69 @@ def loss_sums(logits, labels):
     return nll.sum(), z.sum(), valid.sum()
 
 
+def chunked_loss_sums(config, hidden, head, labels, chunk: int, suppress_image_tokens: bool = True):
+    """:func:`loss_sums` from final hidden states, the LM head applied ``chunk`` positions at a time.
+
+    hidden [B, T, D]; head [D, V]; labels [B, T] unshifted. The [B, chunk, V] fp32 logits of one
+    chunk exist at a time, in the forward pass and (recomputed under ``jax.checkpoint``) in the
+    backward pass, instead of [B, T, V]. T need not divide by ``chunk`` (the tail is padded).
+    """
+    if chunk < 1:
+        raise ChameleonError(f"loss_chunk: expected an integer >= 1, got {chunk!r}")
+    targets = shifted_targets(labels)
+    b, t, d = hidden.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, chunk, D]
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(h, tg):
+        nll, z, count = _target_sums(head_logits(config, h, head, suppress_image_tokens), tg)
+        return nll, z, count
+
+    def body(carry, xs):
+        nll, z, count = one(*xs)
+        return (carry[0] + nll, carry[1] + z, carry[2] + count), None
+
+    init = (jnp.float32(0), jnp.float32(0), jnp.int32(0))
+    (nll, z, count), _ = jax.lax.scan(body, init, (hs, ts))
+    return nll, z, count
+
+
 def forward_loss_sums(module, params, input_ids, labels, attention_mask, positions=None, *,
-                      image_targets=False):
-    """Forward over image-merged ``input_ids`` with already resolved labels -> loss_sums."""
+                      image_targets=False, loss_chunk: int = 0):
+    """Forward over image-merged ``input_ids`` with already resolved labels -> loss_sums.
+
+    ``loss_chunk`` > 0: the LM head and loss run over sequence chunks of that many positions
+    (:func:`chunked_loss_sums`), so the whole [B, T, V] logits never exist; 0: one pass.
+    """
     if positions is None:
         positions = default_positions(attention_mask)
+    mask = causal_mask(attention_mask)
+    if loss_chunk:
+        variables = {"params": params}
+        hidden, _ = module.apply(variables, input_ids, positions, mask, method=Chameleon.hidden_states)
+        head = module.apply(variables, method=Chameleon.head_weight)
+        return chunked_loss_sums(module.config, hidden, head, labels, loss_chunk, not image_targets)
     logits, _ = module.apply(
-        {"params": params}, input_ids, positions, causal_mask(attention_mask),
+        {"params": params}, input_ids, positions, mask,
         suppress_image_tokens=not image_targets,
     )
     return loss_sums(logits, labels)
 
 
 def model_loss(module, params, input_ids, labels, attention_mask, positions=None, pixel_values=None, *,
-               loss_mask=None, loss_on: str = "all", image_targets: bool = False, z_loss: float = 0.0):
+               loss_mask=None, loss_on: str = "all", image_targets: bool = False, z_loss: float = 0.0,
+               loss_chunk: int = 0):
     """Mean loss over non-ignored tokens (+ ``z_loss * mean(logsumexp^2)``), and its parts.
 
     ``input_ids`` hold ``<image>`` placeholders; ``pixel_values`` (with ``params`` holding the
     VQ-VAE) become the image tokens, under stop_gradient. ``loss_mask`` [B, T]: 0 drops that label.
+    ``loss_chunk`` > 0 computes the head and loss over sequence chunks (same value, less memory).
     Returns (loss, {"nll": mean CE, "z": mean lse^2, "count": targets}). Traceable (jit / grad).
     """
     merged = input_ids
@@ -102,7 +150,7 @@ def model_loss(module, params, input_ids, labels, attention_mask, positions=None
     if loss_mask is not None:
         labels = jnp.where(loss_mask > 0, labels, IGNORE_INDEX)
     nll, z, count = forward_loss_sums(module, params, merged, labels, attention_mask, positions,
-                                      image_targets=image_targets)
+                                      image_targets=image_targets, loss_chunk=loss_chunk)
     n = jnp.maximum(count, 1).astype(jnp.float32)
     return (nll + z_loss * z) / n, {"nll": nll / n, "z": z / n, "count": count}
 

@@ -59,6 +59,7 @@ class TrainConfig:
     loss_on: str = "auto"  # all | text | image | auto (text, or all with train_image_tokens)
     train_image_tokens: bool = False
     z_loss: float = 0.0
+    loss_chunk: int = 0  # > 0: LM head + loss over sequence chunks of this many tokens (no [B, T, V] logits)
     # LoRA (None: full fine-tuning)
     lora: lora_lib.LoraConfig | None = None
     # checkpoints / logs
@@ -79,6 +80,8 @@ class TrainConfig:
                     "log_every"):
             if getattr(self, key) < 1:
                 bad(key, f"expected an integer >= 1, got {getattr(self, key)!r}")
+        if self.loss_chunk < 0:
+            bad("loss_chunk", f"expected 0 (off) or an integer >= 1, got {self.loss_chunk!r}")
         if self.remat not in REMAT_POLICIES:
             bad("remat", f"expected one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         for key in ("compute_dtype", "base_dtype"):

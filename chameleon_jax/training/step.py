@@ -96,7 +96,8 @@ def make_train_step(module, tx, tc: TrainConfig, shardings: dict, frozen_shardin
 
     def micro_loss(params, frozen, mb, denom):
         nll, z, count = forward_loss_sums(module, combine(params, frozen), mb["input_ids"], mb["labels"],
-                                          mb["attention_mask"], image_targets=image_targets)
+                                          mb["attention_mask"], image_targets=image_targets,
+                                          loss_chunk=tc.loss_chunk)
         return (nll + zc * z) / denom, (nll, z)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)

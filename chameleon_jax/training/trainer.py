@@ -35,7 +35,7 @@ from .step import _tree, build_mesh, make_optimizer, make_train_step, state_shar
 
 # ------------------------------------------------------------------ trainer
 # TrainConfig fields the jitted step depends on (the rest: paths, data, logging, checkpoints).
-_STEP_KEYS = frozenset({"compute_dtype", "base_dtype", "remat", "loss_on", "train_image_tokens", "z_loss",
+_STEP_KEYS = frozenset({"compute_dtype", "base_dtype", "remat", "loss_on", "train_image_tokens", "z_loss", "loss_chunk",
                         "lora", "learning_rate", "warmup_steps", "end_lr_ratio", "steps", "weight_decay",
                         "adam_b1", "adam_b2", "adam_eps", "max_grad_norm"})
 _STEP_CACHE: dict = {}
