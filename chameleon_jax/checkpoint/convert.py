@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from . import hf, orbax
+from .killpoint import point
 from .outdir import check_output
 from ..config import ChameleonConfig
 from ..errors import ChameleonError
@@ -95,6 +96,7 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     with hf.atomic_dir(dst, overwrite) as tmp:
         orbax.write_orbax(tmp, config, source, dtype, extra, _progress_printer() if progress else None)
         write_tokenizer(tmp)
+        point("convert: tokenizer files written")
     notes = list(getattr(source, "notes", []))
     if kind == "hf" and not os.path.isfile(os.path.join(src, "tokenizer.json")):
         notes.append(f"warning: {src} holds no tokenizer (tokenizer.json), so neither does {dst}: "

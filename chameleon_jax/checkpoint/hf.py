@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from ..config import ChameleonConfig
 from ..errors import ChameleonError
+from .killpoint import point
 from .outdir import atomic_dir
 from .safetensors_io import SafetensorsFile, write_safetensors
 
@@ -288,11 +289,13 @@ def write_hf_tensors(directory: str, tensors: Iterable[tuple[str, np.ndarray]], 
         flush()
     if len(files) == 1:
         os.replace(os.path.join(directory, files[0][0]), os.path.join(directory, "model.safetensors"))
+        point("renamed model.safetensors")
         return
     weight_map = {}
     for i, (fname, names) in enumerate(files):
         final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
         os.replace(os.path.join(directory, fname), os.path.join(directory, final))
+        point(f"renamed shard {final}")
         weight_map.update({n: final for n in names})
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
@@ -306,5 +309,7 @@ def save_hf(params: Mapping, config: ChameleonConfig, directory: str, max_shard_
     with atomic_dir(directory, overwrite) as tmp:
         write_hf_tensors(tmp, hf_tensors(params), max_shard_bytes)
         config.to_json_file(os.path.join(tmp, "config.json"))
+        point("save_hf: config.json written")
         for f in extra_files:
             shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
+            point(f"save_hf: copied {os.path.basename(f)}")

@@ -13,6 +13,7 @@ from flax import traverse_util
 
 from ..config import ChameleonConfig
 from ..errors import ChameleonError, read_json
+from .killpoint import point
 from .hf import VQ_DECODER, VQ_DECODER_HF, convert_tensor, expected_params, plan_params
 from .safetensors_io import SafetensorsFile, write_safetensors
 
@@ -66,8 +67,10 @@ def write_orbax(directory: str, config: ChameleonConfig, source, dtype=None, ext
             flat[path] = convert_tensor(source.get(name), layout, shape, dtype)
             dtypes[path] = str(flat[path].dtype)
         tree = traverse_util.unflatten_dict(flat, sep="/")  # {group: subtree}
+        point(f"write_orbax: before saving group {group}")
         ckpt.save(os.path.abspath(os.path.join(directory, "params", group)), tree)  # Orbax wants absolute
         ckpt.wait_until_finished()
+        point(f"write_orbax: saved group {group}")
         del flat, tree
     if progress:
         progress("done", len(groups), len(groups))
@@ -75,11 +78,13 @@ def write_orbax(directory: str, config: ChameleonConfig, source, dtype=None, ext
     if extras:
         write_safetensors(os.path.join(directory, "extra_tensors.safetensors"), extras)
     config.to_json_file(os.path.join(directory, "config.json"))
+    point("write_orbax: config.json written")
     with open(os.path.join(directory, MARKER), "w") as f:
         json.dump({"format": ORBAX_FORMAT, "groups": list(groups), "dtypes": sorted(set(dtypes.values())),
                    "param_dtypes": dtypes,
                    "vq_decoder": any(item[0].startswith(VQ_DECODER) for item in plan),
                    "extra_tensors": sorted(extras)}, f, indent=2)
+    point("write_orbax: marker written")
 
 
 def read_orbax(directory: str, config: ChameleonConfig, shardings: Mapping | None = None, dtype=None) -> dict:

@@ -25,6 +25,7 @@ import warnings
 from typing import Iterable
 
 from ..errors import ChameleonError
+from .killpoint import point
 
 _TAG = "chameleon"
 
@@ -138,15 +139,20 @@ def atomic_dir(directory: str, overwrite: bool = False):
     parent, base = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = _make_temp(parent, base, "tmp")
+    point("atomic_dir: temp dir made")
     try:
         yield tmp
+        point("atomic_dir: before the final rename")
         if os.path.lexists(directory):
             old = _make_temp(parent, base, "old")
             os.replace(directory, os.path.join(old, "x"))
+            point("atomic_dir: between the two renames")
             os.replace(tmp, directory)
+            point("atomic_dir: before removing the old version")
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+        point("atomic_dir: done")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

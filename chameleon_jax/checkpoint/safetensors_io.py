@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import ChameleonError
+from .killpoint import point
 
 _ST_DTYPES = {
     "F64": np.float64,
@@ -113,5 +114,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
+        point(f"safetensors header: {path}")
         for name in sorted(arrays):
             f.write(arrays[name].tobytes())
+            point(f"safetensors tensor {name}: {path}")

@@ -290,9 +290,13 @@ class Trainer:
     def save(self) -> None:
         import orbax.checkpoint as ocp
 
+        from ..checkpoint.killpoint import point
+
+        point(f"trainer: before saving checkpoint {self.step}")
         self.manager.save(self.step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.state), meta=ocp.args.JsonSave(self._meta())), force=True)
         self.manager.wait_until_finished()
+        point(f"trainer: saved checkpoint {self.step}")
 
     def restore(self, step: int | None = None) -> None:
         """Load the train state and data position of checkpoint ``step`` (default: the latest)."""
