@@ -7,7 +7,7 @@ BIN = $(VENV)/bin
 # Extras the tests install; CI adds tpu-aot (libtpu, ~700 MB) so the TPU compile tests run instead of skipping.
 EXTRAS ?= test
 
-.PHONY: demo test clean-venv
+.PHONY: demo test test-notebooks clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.test-$(EXTRAS)
 	$(BIN)/python -m pytest -q
+
+# Second tier (CI runs it too): every notebook top to bottom in a fresh kernel, ~3 min.
+test-notebooks: $(VENV)/.test-$(EXTRAS)
+	$(BIN)/python -m pytest -q -m notebooks tests/test_notebooks.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,7 +1,8 @@
 """The notebooks run top to bottom in a fresh kernel, and their stored outputs are a real run's.
 
 Each notebook executes in its own kernel (this venv's Python, no JAX_NUM_CPU_DEVICES inherited from the
-test session) with a temporary working directory, as a user's fresh runtime would. Refresh the stored
+test session) with a temporary working directory, as a user's fresh runtime would; these runs are the second
+tier (`make test-notebooks`, marker ``notebooks``), the stored-output checks run in every `make test`. Refresh the stored
 outputs after changing a notebook (runs all four, about 3 minutes on a 2-core CPU)::
 
     python tests/test_notebooks.py            # or: python tests/test_notebooks.py 03_finetune_lora
@@ -109,6 +110,7 @@ def test_stored_notebook_has_the_outputs_of_a_run(name):
     assert not re.search(r"\bcj\.\w+\._", source)
 
 
+@pytest.mark.notebooks  # second tier: `make test-notebooks` (CI runs it after `make test`)
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_top_to_bottom_in_a_fresh_kernel(name):
     _checks(name, execute(name))
