@@ -46,20 +46,18 @@ def _check_generate_args(args: argparse.Namespace) -> None:
             raise ChameleonError(f"{flag}: expected {want}, got {got}")
 
     image = args.mode == "image"
-    if args.mode == "interleaved":
-        need(args.out is not None, "--out", "a PNG path for --mode interleaved (image i goes to OUT-i.png)", None)
-        need(args.max_images >= 0, "--max-images", "an integer >= 0", args.max_images)
-        for flag, v in (("--cfg-text", args.cfg_text), ("--cfg-image", args.cfg_image)):
-            need(math.isfinite(v) and v >= 0, flag, "a finite number >= 0 (1 = off)", v)
-        need(os.path.isdir(os.path.dirname(os.path.abspath(args.out))), "--out", "a file in an existing directory",
-             args.out)
     if args.temperature is None:
         args.temperature = 0.7 if image else 0.0
     if args.top_p is None:
         args.top_p = 0.9 if image and args.temperature > 0 else 1.0
-    if image:
-        need(args.out is not None, "--out", "a PNG path for --mode image", None)
-        need(args.num_images >= 1, "--num-images", "an integer >= 1", args.num_images)
+    if args.mode in ("image", "interleaved"):  # both draw images into PNG files
+        want = ("a PNG path for --mode image" if image else
+                "a PNG path for --mode interleaved (image i goes to OUT-i.png)")
+        need(args.out is not None, "--out", want, None)
+        if image:
+            need(args.num_images >= 1, "--num-images", "an integer >= 1", args.num_images)
+        else:
+            need(args.max_images >= 0, "--max-images", "an integer >= 0", args.max_images)
         for flag, v in (("--cfg-text", args.cfg_text), ("--cfg-image", args.cfg_image)):
             need(math.isfinite(v) and v >= 0, flag, "a finite number >= 0 (1 = off)", v)
         out_dir = os.path.dirname(os.path.abspath(args.out))

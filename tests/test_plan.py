@@ -69,3 +69,15 @@ def test_plan_cli_names_the_flag(capsys):
     assert "--topology" in capsys.readouterr().err
     assert main(["plan", "--model", "7b", "--topology", "cpu:1", "--mesh", "fsdp=two"]) == 2
     assert "--mesh" in capsys.readouterr().err
+
+
+def test_plan_model_may_be_a_config_json(tmp_path, capsys):
+    """--model takes a config.json file, as its --help says (not only a preset name or a directory)."""
+    from chameleon_jax import cli
+    from chameleon_jax.demo import tiny_config
+
+    path = tmp_path / "config.json"
+    tiny_config().to_json_file(path)
+    assert cli.main(["plan", "--model", str(path), "--topology", "cpu:1", "--mesh", "fsdp=1", "--task", "generate",
+                     "--seq", "32", "--batch", "1", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -97,8 +97,7 @@ def chunked_loss_sums(config, hidden, head, labels, chunk: int, suppress_image_t
 
     @jax.checkpoint
     def one(h, tg):
-        nll, z, count = _target_sums(head_logits(config, h, head, suppress_image_tokens), tg)
-        return nll, z, count
+        return _target_sums(head_logits(config, h, head, suppress_image_tokens), tg)
 
     def body(carry, xs):
         nll, z, count = one(*xs)
