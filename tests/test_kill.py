@@ -1,17 +1,22 @@
-"""Kill harness: SIGKILL `convert` and `export` at the k-th write point (chameleon_jax/checkpoint/killpoint.py)
-in a subprocess; after each kill the old DST is unchanged, and the rerun succeeds and leaves no temp dirs.
+"""Kill harness: SIGKILL `convert`, `export` and `train` at the k-th write point (chameleon_jax/checkpoint/killpoint.py)
+in a subprocess. convert/export: after each kill the old DST is unchanged, and the rerun succeeds and leaves no
+temp dirs. train: the last complete checkpoint restores and the resumed run ends bit-exactly where an
+uninterrupted run does (losses, params, optimizer state, metrics.jsonl), leaving no temp dirs.
 
 Default tier: 5 kill points per operation; ``-m slow`` (or CHAMELEON_JAX_KILL_POINTS=N): 20 or N.
-The training checkpoint save and the batch job (not built yet) are not covered here yet.
+The batch job named in the issue does not exist, so it has no campaign.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from chameleon_jax.checkpoint.convert import convert
@@ -21,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, env_extra):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", **env_extra)
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+    env.update(env_extra)
     code = "import sys; from chameleon_jax import cli; sys.exit(cli.main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
 
@@ -104,3 +110,108 @@ def test_kill_export(src, tmp_path, tier):
     assert r.returncode == 0, r.stderr
     tried, survived = kill_campaign(["export", conv, dst, "--overwrite"], dst, _n(tier), tmp_path)
     assert survived == tried
+
+
+# ------------------------------------------------------------------ training checkpoints
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    """A tiny model saved in HF layout, its tokenizer, 4 image-text records, and a config that saves a
+    checkpoint every step (keeping 2, so old ones are deleted too) and logs every step."""
+    from chameleon_jax.checkpoint.hf import save_hf
+    from train_utils import setup, train_config
+
+    root = tmp_path_factory.mktemp("killtrain")
+    model, _, data = setup(root)
+    save_hf(jax.device_get(model.params), model.config, str(root / "model"))
+    tc = train_config(root, data, model=str(root / "model"), tokenizer=str(root / "tok"), steps=4,
+                      batch_size=1, checkpoint_every=1, keep_checkpoints=2, log_every=1)
+    return root, tc.to_dict()
+
+
+def _train_env(tmp_path):
+    # the parent's device count (the same compiled step), and one compilation cache for the killed runs
+    return {"JAX_NUM_CPU_DEVICES": os.environ.get("JAX_NUM_CPU_DEVICES", "1"),
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _train_config(d, out):
+    from chameleon_jax.training import TrainConfig
+
+    return TrainConfig.from_dict(dict(d, output_dir=str(out)))
+
+
+def _train_leaves(trainer):
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(trainer.state))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+@pytest.fixture(scope="module")
+def train_reference(train_setup, tmp_path_factory):
+    """One uninterrupted run in this process: its state, losses and kill point labels."""
+    from chameleon_jax.training import Trainer
+
+    _, d = train_setup
+    count = tmp_path_factory.mktemp("killcount") / "count.txt"
+    old = os.environ.get("CHAMELEON_JAX_KILL_COUNT")
+    os.environ["CHAMELEON_JAX_KILL_COUNT"] = str(count)
+    try:
+        tr = Trainer(_train_config(d, tmp_path_factory.mktemp("killref") / "out"), log=None)
+        tr.run()
+        tr.close()
+    finally:
+        if old is None:
+            del os.environ["CHAMELEON_JAX_KILL_COUNT"]
+        else:
+            os.environ["CHAMELEON_JAX_KILL_COUNT"] = old
+    labels = [line.split(" ", 1)[1] for line in count.read_text().splitlines()]
+    return _train_leaves(tr), [h["loss"] for h in tr.history], labels
+
+
+def _complete_before(labels, k):
+    """The step of the last checkpoint complete when the k-th point killed the run (0: none)."""
+    done = [int(n) for n in (lb.rsplit(" ", 1)[1] for lb in labels[:k - 1] if lb.startswith("trainer: orbax renamed to "))
+            if n.isdigit()]  # a step directory's rename, not one of its items' (state, meta)
+    return done[-1] if done else 0
+
+
+# Each killed run is a fresh process (import, load, compile: ~13 s here), so the default tier kills 2 points
+# inside the run (mid-checkpoint); the full tier 20 from the first to the last point.
+@pytest.mark.parametrize("tier", [pytest.param(2, id="default"), pytest.param(20, id="full", marks=pytest.mark.slow)])
+def test_kill_train(train_setup, train_reference, tmp_path, tier):
+    from chameleon_jax.training import Trainer
+
+    root, d = train_setup
+    ref_state, ref_losses, labels = train_reference
+    total = len(labels)
+    assert _complete_before(labels, total + 1) == d["steps"], labels
+    n = _n(tier)
+    pts = _points(n, total) if n >= 3 else [round((i + 1) * total / (n + 1)) for i in range(n)]
+    survived = 0
+    for k in pts:
+        out = tmp_path / f"run{k}" / "out"
+        cfg = tmp_path / f"run{k}.json"
+        cfg.write_text(json.dumps(dict(d, output_dir=str(out))))
+        r = _run(["train", "--config", str(cfg)], {"CHAMELEON_JAX_KILL_AT": str(k), **_train_env(tmp_path)})
+        assert r.returncode == -signal.SIGKILL, (k, labels[k - 1], r.returncode, r.stderr[-3000:])
+        logs = []
+        tr = Trainer(_train_config(d, out), log=logs.append)  # the rerun: resumes from the last complete one
+        want = _complete_before(labels, k)
+        assert tr.step == want, (k, labels[k - 1], tr.step, want)
+        assert (want == 0) != any("resumed" in m for m in logs), (k, logs)
+        tr.run()
+        tr.close()
+        assert [h["loss"] for h in tr.history] == ref_losses[want:], (k, labels[k - 1])
+        got = _train_leaves(tr)
+        assert got.keys() == ref_state.keys()
+        for path, x in ref_state.items():  # params, optimizer state, step, RNG: bit for bit
+            np.testing.assert_array_equal(got[path], x, err_msg=f"kill point {k} ({labels[k - 1]}): {path}")
+        # metrics.jsonl: every step once, with the uninterrupted run's losses
+        recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
+        assert [(r["step"], r["loss"]) for r in recs] == list(enumerate(ref_losses, 1)), (k, labels[k - 1])
+        ckpts = sorted(os.listdir(out / "checkpoints"))
+        assert ckpts == [str(d["steps"] - 1), str(d["steps"])], (k, ckpts)  # no temp dirs, keep_checkpoints=2
+        assert [n for n in os.listdir(out) if ".chameleon-" in n or "tmp" in n] == [], k
+        survived += 1
+    print(f"kill campaign train: {survived}/{len(pts)} kill points survived (of {total} points)")
+    assert survived == len(pts)

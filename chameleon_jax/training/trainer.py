@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ..checkpoint.killpoint import point
 from ..checkpoint.outdir import check_output
 from ..errors import ChameleonError
 from ..model import Chameleon
@@ -48,6 +49,28 @@ def _vq_encoder(vq_config):
 
     module = VQVAE(vq_config)
     return jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQVAE.encode))
+
+
+@functools.lru_cache(maxsize=1)
+def _temp_path_class():
+    """Orbax's atomic-rename temp dir with kill points (checkpoint/killpoint.py) around its steps:
+    the temp dir made, its rename to ``<step>``."""
+    from orbax.checkpoint._src.path.atomicity import AtomicRenameTemporaryPath
+
+    from ..checkpoint.killpoint import point
+
+    class KillPointTemporaryPath(AtomicRenameTemporaryPath):
+        async def create(self):
+            path = await super().create()
+            point(f"trainer: orbax temp dir created {self.get().name}")
+            return path
+
+        async def finalize(self, *args, **kwargs):
+            point(f"trainer: orbax temp dir complete, before rename to {self.get_final().name}")
+            await super().finalize(*args, **kwargs)
+            point(f"trainer: orbax renamed to {self.get_final().name}")
+
+    return KillPointTemporaryPath
 
 class Trainer:
     """The fine-tuning loop of a :class:`TrainConfig` (see the module docstring).
@@ -162,12 +185,14 @@ class Trainer:
             os.path.abspath(os.path.join(tc.output_dir, "checkpoints")),
             options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, create=True,
                                                  enable_async_checkpointing=False,
-                                                 cleanup_tmp_directories=True),  # half-written saves
+                                                 cleanup_tmp_directories=True,  # half-written saves
+                                                 temporary_path_class=_temp_path_class()),
             item_names=("state", "meta"),
         )
         self.metrics_path = tc.metrics_file or os.path.join(tc.output_dir, "metrics.jsonl")
         if tc.resume and self.manager.latest_step() is not None:
             self.restore()
+        self._prune_metrics()
 
     # ------------------------------------------------------------------ batches
     def prepare(self, batch: dict) -> dict:
@@ -237,6 +262,39 @@ class Trainer:
             self.export(os.path.join(tc.output_dir, "final"))
         return self.history[start:]
 
+    def _prune_metrics(self) -> None:
+        """Drop metrics.jsonl records of steps after the current one: a killed run logged them after
+        its last checkpoint, and this run does them again (so each step is logged once). A torn last
+        line (killed while appending) goes too. Rewritten atomically (temp file + rename)."""
+        import glob
+
+        path = self.metrics_path
+        if not self.is_main:
+            return
+        for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # a killed prune's temp file
+            os.remove(stale)
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                step = int(rec["step"])
+            except (ValueError, TypeError, KeyError, IndexError):
+                continue
+            if step <= self.step:
+                keep.append(line)
+        if len(keep) == len(lines):
+            return
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in keep))
+        point(f"trainer: pruned metrics written to {os.path.basename(tmp)}")
+        os.replace(tmp, path)
+        point("trainer: pruned metrics renamed")
+
     def _stop_if_not_finite(self, step: int, metrics: dict, pending: list) -> None:
         """Raise ChameleonError if ``step``'s loss or gradient norm is NaN/inf: the params are then
         no longer usable, so the run stops before any checkpoint holds them (the last one stays)."""
@@ -274,6 +332,7 @@ class Trainer:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 for rec in records:
                     f.write(json.dumps(rec) + "\n")
+            point(f"trainer: metrics of steps {records[0]['step']}..{records[-1]['step']} appended")
             r = records[-1]
             note = " (incl. compile)" if self._compile_window else ""
             self.log(f"step {r['step']}/{self.tc.steps}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  "
@@ -289,8 +348,6 @@ class Trainer:
 
     def save(self) -> None:
         import orbax.checkpoint as ocp
-
-        from ..checkpoint.killpoint import point
 
         point(f"trainer: before saving checkpoint {self.step}")
         self.manager.save(self.step, args=ocp.args.Composite(
