@@ -195,15 +195,19 @@ class ChameleonConfig:
         kw["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
         if kw["rope_type"] not in _ROPE_TYPES:
             raise ChameleonError(f"{source}: rope type {kw['rope_type']!r} is not supported; expected one of {_ROPE_TYPES}")
-        kw["rope_factor"] = float(rope.get("factor", 1.0))
+        kw["rope_factor"] = _positive(rope.get("factor", 1.0), f"{source}: rope factor")
         theta = rope.get("rope_theta", d.pop("rope_theta", None))
         d.pop("rope_theta", None)
         if theta is not None:
-            kw["rope_theta"] = float(theta)
+            kw["rope_theta"] = _positive(theta, f"{source}: rope_theta")
         vq = d.pop("vq_config", None)
         vq_unknown: list[str] = []
         kw["vq_config"] = VQConfig.from_dict(vq, f"{source}: vq_config", vq_unknown) if vq is not None else None
         vm = d.pop("vocabulary_map", None)
+        if vm is not None and not (isinstance(vm, Mapping) and all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in vm.items())):
+            raise ChameleonError(f"{source}: vocabulary_map: expected an object of token name -> id (an integer "
+                                 f">= 0), got {str(vm)[:80]}")
         kw["vocabulary_map"] = dict(vm) if vm is not None else None
         eos = d.pop("eos_token_id", 2)
         kw["eos_token_id"] = tuple(eos) if isinstance(eos, list) else eos
@@ -264,6 +268,13 @@ class ChameleonConfig:
             json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
         os.replace(tmp, path)
+
+
+def _positive(v, where: str) -> float:
+    """A JSON number > 0 as a float (bools, strings, null and the like raise, naming ``where``)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or v == float("inf"):
+        raise ChameleonError(f"{where}: expected a number > 0, got {v!r}")
+    return float(v)
 
 
 def _check_types(kw: dict, source: str) -> None:

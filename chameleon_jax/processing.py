@@ -65,11 +65,12 @@ def _find_tokenizer_file(path: Path) -> Path:
 
 def _rename_meta_image_token(tok_json: dict) -> None:
     """Meta's file calls the image placeholder <reserved08707>; transformers' converter renames it."""
-    vocab = tok_json.get("model", {}).get("vocab")
+    model, added = tok_json.get("model"), tok_json.get("added_tokens")
+    vocab = model.get("vocab") if isinstance(model, dict) else None  # malformed files: tokenizers says why
     if isinstance(vocab, dict) and cv.META_IMAGE_TOKEN in vocab and cv.IMAGE_TOKEN not in vocab:
         vocab[cv.IMAGE_TOKEN] = vocab.pop(cv.META_IMAGE_TOKEN)
-    for tok in tok_json.get("added_tokens", []):
-        if tok.get("content") == cv.META_IMAGE_TOKEN:
+    for tok in added if isinstance(added, list) else []:
+        if isinstance(tok, dict) and tok.get("content") == cv.META_IMAGE_TOKEN:
             tok["content"] = cv.IMAGE_TOKEN
 
 

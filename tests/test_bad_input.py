@@ -217,3 +217,73 @@ def test_load_dtype_none_follows_most_params(good, tmp_path):
     model = cj.load(d, dtype=None)
     assert model.params["embed_tokens"]["embedding"].dtype == np.dtype("bfloat16")
     assert model.config.dtype == "float32"
+
+
+# ------------------------------------------------------------------ cases the fuzzer (tests/fuzz.py) found
+def _rewrite_header(path, fn):
+    """Apply ``fn`` to a safetensors file's header JSON and write it back (body unchanged)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    fn(header)
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n:])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h.update({"lm_head.weight": True}), r"tensor 'lm_head\.weight': expected an object"),
+    (lambda h: h["lm_head.weight"].update(shape=[True, 64]), r"tensor 'lm_head\.weight': shape holds True"),
+    (lambda h: h["lm_head.weight"].update(data_offsets=[0, "8"]), r"data_offsets holds '8'"),
+    (lambda h: h["lm_head.weight"].update(dtype=["F32"]), r"unsupported dtype \['F32'\]"),
+    (lambda h: h.update({"__metadata__": [1]}), r"__metadata__ is a list"),
+])
+def test_safetensors_header_entries_checked(good, tmp_path, edit, match):
+    d = _copy(good, tmp_path)
+    _rewrite_header(d / "model.safetensors", edit)
+    _raises(r"model\.safetensors: not a valid safetensors file .*" + match, cj.load, d)
+
+
+@pytest.mark.parametrize("rope, match", [
+    ({"rope_type": "default", "rope_theta": {"a": 1}}, r"rope_theta: expected a number > 0, got \{'a': 1\}"),
+    ({"rope_type": "default", "rope_theta": "1e4"}, r"rope_theta: expected a number > 0, got '1e4'"),
+    ({"rope_type": "linear", "factor": [2]}, r"rope factor: expected a number > 0, got \[2\]"),
+])
+def test_config_rope_numbers_checked(good, tmp_path, rope, match):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = rope
+    (d / "config.json").write_text(json.dumps(cfg))
+    _raises(r"config\.json: " + match, cj.load, d)
+
+
+@pytest.mark.parametrize("vm", [[1, 2], {"<image>": "8"}, {"<s>": -1}])
+def test_config_vocabulary_map_checked(good, tmp_path, vm):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocabulary_map"] = vm
+    (d / "config.json").write_text(json.dumps(cfg))
+    _raises(r"config\.json: vocabulary_map: expected an object of token name -> id", cj.load, d)
+
+
+def test_meta_tokenizer_malformed_entries(tmp_path):
+    from tokenizer_utils import build_test_tokenizer
+
+    build_test_tokenizer(tmp_path, num_image_codes=16, layout="meta")
+    path = tmp_path / "tokenizer" / "text_tokenizer.json"
+    tok = json.loads(path.read_text())
+    for bad in ({**tok, "added_tokens": ["<s>", 3]}, {**tok, "model": "BPE"}):
+        path.write_text(json.dumps(bad))
+        _raises(r"text_tokenizer\.json: not a valid tokenizers JSON file", cj.ChameleonProcessor.from_pretrained,
+                tmp_path)
+
+
+def test_jsonl_token_ids_beyond_int64(tmp_path):
+    from chameleon_jax.training.data import read_jsonl
+    from tokenizer_utils import build_test_tokenizer
+
+    build_test_tokenizer(tmp_path / "tok", num_image_codes=16)
+    proc = cj.ChameleonProcessor.from_pretrained(tmp_path / "tok")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine"}\n{"input_ids": [1, 99999999999999999999]}\n')
+    _raises(r"data\.jsonl:2: \"input_ids\" holds 99999999999999999999, not a token id", read_jsonl, data, proc,
+            max_length=64)

@@ -3,7 +3,7 @@ in a subprocess. convert/export: after each kill the old DST is unchanged, and t
 temp dirs. train: the last complete checkpoint restores and the resumed run ends bit-exactly where an
 uninterrupted run does (losses, params, optimizer state, metrics.jsonl), leaving no temp dirs.
 
-Default tier: 5 kill points per operation; ``-m slow`` (or CHAMELEON_JAX_KILL_POINTS=N): 20 or N.
+Default tier: 5 kill points per operation (train: 1); ``-m slow`` (or CHAMELEON_JAX_KILL_POINTS=N): 20 or N.
 The batch job named in the issue does not exist, so it has no campaign.
 """
 
@@ -115,23 +115,26 @@ def test_kill_export(src, tmp_path, tier):
 # ------------------------------------------------------------------ training checkpoints
 @pytest.fixture(scope="module")
 def train_setup(tmp_path_factory):
-    """A tiny model saved in HF layout, its tokenizer, 4 image-text records, and a config that saves a
+    """A tiny random model saved in HF layout, its tokenizer, 4 text records, and a config that saves a
     checkpoint every step (keeping 2, so old ones are deleted too) and logs every step."""
-    from chameleon_jax.checkpoint.hf import save_hf
-    from train_utils import setup, train_config
+    from fuzz import random_checkpoint
+    from tokenizer_utils import build_test_tokenizer
+    from train_utils import tiny_config, train_config, write_records
 
     root = tmp_path_factory.mktemp("killtrain")
-    model, _, data = setup(root)
-    save_hf(jax.device_get(model.params), model.config, str(root / "model"))
-    tc = train_config(root, data, model=str(root / "model"), tokenizer=str(root / "tok"), steps=4,
+    vm = build_test_tokenizer(root / "tok", num_image_codes=64, vocab_size=512, image_seq_length=16, image_size=8)
+    random_checkpoint(str(root / "model"), tiny_config(vm), seed=3)
+    data = write_records(root / "data.jsonl", [{"text": t} for t in (
+        "hello world the cat is here .", "a dog and a cat", "the color of the picture is one", "hello dog")])
+    tc = train_config(root, data, model=str(root / "model"), tokenizer=str(root / "tok"), steps=3,
                       batch_size=1, checkpoint_every=1, keep_checkpoints=2, log_every=1)
     return root, tc.to_dict()
 
 
-def _train_env(tmp_path):
-    # the parent's device count (the same compiled step), and one compilation cache for the killed runs
+def _train_env(root):
+    # the parent's device count (the same compiled step), and one compilation cache for all the train runs
     return {"JAX_NUM_CPU_DEVICES": os.environ.get("JAX_NUM_CPU_DEVICES", "1"),
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+            "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
@@ -147,25 +150,22 @@ def _train_leaves(trainer):
 
 
 @pytest.fixture(scope="module")
-def train_reference(train_setup, tmp_path_factory):
-    """One uninterrupted run in this process: its state, losses and kill point labels."""
+def train_reference(train_setup):
+    """One uninterrupted `train` run (a subprocess, like the killed ones; it also fills their compilation
+    cache): its final state (restored from its last checkpoint), its losses and its kill point labels."""
     from chameleon_jax.training import Trainer
 
-    _, d = train_setup
-    count = tmp_path_factory.mktemp("killcount") / "count.txt"
-    old = os.environ.get("CHAMELEON_JAX_KILL_COUNT")
-    os.environ["CHAMELEON_JAX_KILL_COUNT"] = str(count)
-    try:
-        tr = Trainer(_train_config(d, tmp_path_factory.mktemp("killref") / "out"), log=None)
-        tr.run()
-        tr.close()
-    finally:
-        if old is None:
-            del os.environ["CHAMELEON_JAX_KILL_COUNT"]
-        else:
-            os.environ["CHAMELEON_JAX_KILL_COUNT"] = old
+    root, d = train_setup
+    cfg, out, count = root / "ref.json", root / "ref" / "out", root / "count.txt"
+    cfg.write_text(json.dumps(dict(d, output_dir=str(out))))
+    r = _run(["train", "--config", str(cfg)], {"CHAMELEON_JAX_KILL_COUNT": str(count), **_train_env(root)})
+    assert r.returncode == 0, r.stderr[-3000:]
     labels = [line.split(" ", 1)[1] for line in count.read_text().splitlines()]
-    return _train_leaves(tr), [h["loss"] for h in tr.history], labels
+    tr = Trainer(_train_config(d, out), log=None)
+    assert tr.step == d["steps"]
+    losses = [json.loads(x)["loss"] for x in open(out / "metrics.jsonl")]
+    assert len(losses) == d["steps"]
+    return _train_leaves(tr), losses, labels
 
 
 def _complete_before(labels, k):
@@ -175,9 +175,10 @@ def _complete_before(labels, k):
     return done[-1] if done else 0
 
 
-# Each killed run is a fresh process (import, load, compile: ~13 s here), so the default tier kills 2 points
-# inside the run (mid-checkpoint); the full tier 20 from the first to the last point.
-@pytest.mark.parametrize("tier", [pytest.param(2, id="default"), pytest.param(20, id="full", marks=pytest.mark.slow)])
+# Each killed run is a fresh process (import, load, compile: ~6 s of CPU with a warm compilation cache), so
+# the default tier kills one point, half-way (inside a checkpoint save); the full tier 20 from the first
+# point to the last.
+@pytest.mark.parametrize("tier", [pytest.param(1, id="default"), pytest.param(20, id="full", marks=pytest.mark.slow)])
 def test_kill_train(train_setup, train_reference, tmp_path, tier):
     from chameleon_jax.training import Trainer
 
@@ -192,7 +193,7 @@ def test_kill_train(train_setup, train_reference, tmp_path, tier):
         out = tmp_path / f"run{k}" / "out"
         cfg = tmp_path / f"run{k}.json"
         cfg.write_text(json.dumps(dict(d, output_dir=str(out))))
-        r = _run(["train", "--config", str(cfg)], {"CHAMELEON_JAX_KILL_AT": str(k), **_train_env(tmp_path)})
+        r = _run(["train", "--config", str(cfg)], {"CHAMELEON_JAX_KILL_AT": str(k), **_train_env(root)})
         assert r.returncode == -signal.SIGKILL, (k, labels[k - 1], r.returncode, r.stderr[-3000:])
         logs = []
         tr = Trainer(_train_config(d, out), log=logs.append)  # the rerun: resumes from the last complete one

@@ -103,6 +103,10 @@ def test_exact_resume(env):
     partial = root / "b" / "out" / "checkpoints" / "5.orbax-checkpoint-tmp-1700000000" / "state"
     partial.mkdir(parents=True)
     (partial / "junk").write_text("x")
+    # a run killed after logging steps past its last checkpoint (and mid-line): the resumed run redoes those
+    # steps, and the metrics file must hold each step once (kill test regression, tests/test_kill.py)
+    with open(root / "b" / "out" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n" + '{"step": 5, "lo')
     logs = []
     resumed = Trainer(train_config(root / "b", data, **kw), model, proc, log=logs.append)  # fresh objects
     assert resumed.step == 3 and "resumed" in logs[0]

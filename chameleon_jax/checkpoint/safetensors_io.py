@@ -8,6 +8,7 @@ and every byte range first, so truncated or corrupt files fail with the file nam
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Any, Mapping
@@ -31,6 +32,13 @@ _ST_DTYPES = {
     "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def _int(v, name: str, field: str) -> int:
+    """A header integer (JSON ints only: no bools, floats or strings)."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"tensor {name!r}: {field} holds {v!r}, expected integers")
+    return v
 
 
 class SafetensorsFile:
@@ -57,17 +65,24 @@ class SafetensorsFile:
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
             self.metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(self.metadata, dict):
+                raise ValueError(f"__metadata__ is a {type(self.metadata).__name__}, expected an object")
             data_size = size - 8 - n
             self._entries = {}
             for name, e in header.items():
-                dtype = _ST_DTYPES.get(e.get("dtype"))
+                if not isinstance(e, dict):
+                    raise ValueError(f"tensor {name!r}: expected an object with dtype, shape and data_offsets, "
+                                     f"got {type(e).__name__}")
+                dtype = _ST_DTYPES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
                 if dtype is None:
                     raise ValueError(f"tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
-                start, end = (int(v) for v in e["data_offsets"])
-                shape = tuple(int(s) for s in e["shape"])
+                start, end = (_int(v, name, "data_offsets") for v in e["data_offsets"])
+                shape = tuple(_int(s, name, "shape") for s in e["shape"])
                 if not 0 <= start <= end <= data_size:
                     raise ValueError(f"tensor {name!r} lies outside the file (truncated?)")
-                if end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                if min(shape, default=0) < 0:
+                    raise ValueError(f"tensor {name!r}: negative dimension in shape {list(shape)}")
+                if end - start != math.prod(shape) * np.dtype(dtype).itemsize:
                     raise ValueError(f"tensor {name!r}: byte size does not match shape {shape}")
                 self._entries[name] = (np.dtype(dtype), shape, 8 + n + start)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:

@@ -165,6 +165,9 @@ def _token_record(rec: dict, tok: "_Tokenizer") -> tuple[np.ndarray, np.ndarray]
         v = rec[key]
         if not isinstance(v, list) or not v or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
             raise _Bad(f'"{key}" must be a non-empty list of integers')
+        big = next((i for i in v if not -2**31 <= i < 2**31), None)
+        if big is not None:
+            raise _Bad(f'"{key}" holds {big}, not a token id')
         return np.asarray(v, np.int64)
 
     if "images" in rec:
