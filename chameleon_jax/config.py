@@ -85,8 +85,23 @@ class VQConfig:
         elif unknown:
             _warn_unknown(source, unknown, names)
         kw = {k: v for k, v in d.items() if k in names}
-        kw["channel_multiplier"] = tuple(int(c) for c in kw.get("channel_multiplier", cls.channel_multiplier))
-        kw["attn_resolutions"] = tuple(int(r) for r in (kw.get("attn_resolutions") or ()))
+
+        def ints(key, value, lo):
+            if not isinstance(value, list) or not all(_is_int(v) and lo <= v < 2**31 for v in value):
+                raise ChameleonError(f"{source}: {key}: expected a list of integers >= {lo}, got {value!r:.80}")
+            return tuple(value)
+
+        for key in ("embed_dim", "num_embeddings", "latent_channels", "resolution", "in_channels", "base_channels",
+                    "num_res_blocks"):
+            if key in kw and not (_is_int(kw[key]) and 1 <= kw[key] < 2**31):
+                raise ChameleonError(f"{source}: {key}: expected an integer >= 1, got {kw[key]!r:.80}")
+        if "double_latent" in kw and not isinstance(kw["double_latent"], bool):
+            raise ChameleonError(f"{source}: double_latent: expected true or false, got {kw['double_latent']!r:.80}")
+        mult = kw.get("channel_multiplier", list(cls.channel_multiplier))
+        kw["channel_multiplier"] = ints("channel_multiplier", list(mult) if isinstance(mult, tuple) else mult, 1)
+        if not kw["channel_multiplier"]:
+            raise ChameleonError(f"{source}: channel_multiplier: expected a non-empty list of integers >= 1")
+        kw["attn_resolutions"] = ints("attn_resolutions", kw.get("attn_resolutions") or [], 0)
         cfg = cls(**kw)
         for c in (cfg.base_channels * m for m in (1,) + cfg.channel_multiplier):
             if c % 32:
@@ -270,6 +285,10 @@ class ChameleonConfig:
         os.replace(tmp, path)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _positive(v, where: str) -> float:
     """A JSON number > 0 as a float (bools, strings, null and the like raise, naming ``where``)."""
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or v == float("inf"):
@@ -283,8 +302,8 @@ def _check_types(kw: dict, source: str) -> None:
         raise ChameleonError(f"{source}: {key}: expected {want}, got {kw[key]!r}")
 
     for key in _INT_FIELDS:
-        if key in kw and (not isinstance(kw[key], int) or isinstance(kw[key], bool) or kw[key] < 1):
-            bad(key, "an integer >= 1")
+        if key in kw and (not isinstance(kw[key], int) or isinstance(kw[key], bool) or not 1 <= kw[key] < 2**31):
+            bad(key, "an integer >= 1" + (" (below 2**31)" if isinstance(kw[key], int) and kw[key] >= 2**31 else ""))
     for key in _FLOAT_FIELDS:
         if key in kw and (not isinstance(kw[key], (int, float)) or isinstance(kw[key], bool) or not kw[key] > 0):
             bad(key, "a number > 0")

@@ -63,6 +63,13 @@ def _find_tokenizer_file(path: Path) -> Path:
     raise ChameleonError(f"no tokenizer in {path}: looked for tokenizer.json, {', '.join(META_FILES)}")
 
 
+def _reraise_panic(e: BaseException, what: str):
+    """tokenizers' Rust panics (pyo3 PanicException, a BaseException) -> ChameleonError; others re-raised."""
+    if type(e).__name__ != "PanicException":
+        raise e
+    raise ChameleonError(f"{what} (tokenizers panicked: {e})") from None
+
+
 def _rename_meta_image_token(tok_json: dict) -> None:
     """Meta's file calls the image placeholder <reserved08707>; transformers' converter renames it."""
     model, added = tok_json.get("model"), tok_json.get("added_tokens")
@@ -95,7 +102,7 @@ class ChameleonProcessor:
                  boi_token: str = cv.BOI_TOKEN, eoi_token: str = cv.EOI_TOKEN,
                  image_token: str = cv.IMAGE_TOKEN, max_length: int | None = None,
                  num_threads: int | None = None, source: str = "tokenizer"):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.source = tokenizer, source
         self.image_config = image_config or ImageConfig()
         self._lut = self.image_config.lookup_table()
         self.image_seq_length = int(image_seq_length)
@@ -138,8 +145,11 @@ class ChameleonProcessor:
             _rename_meta_image_token(tok_json)
         try:
             tokenizer = Tokenizer.from_str(json.dumps(tok_json))
+            tokenizer.encode("a b\n<image> 1")  # a probe: some malformed files load, then panic in use
         except Exception as e:  # tokenizers raises a plain Exception for malformed content
             raise ChameleonError(f"{tok_file}: not a valid tokenizers JSON file ({e})") from e
+        except BaseException as e:
+            _reraise_panic(e, f"{tok_file}: not a valid tokenizers JSON file")
         tcfg, smap, pcfg, icfg = ({} if meta or not (directory / n).is_file() else read_json(directory / n, n)
                                   for n in HF_FILES[1:])
         specials = {k: _token_str(tcfg.get(k, smap.get(k))) for k in _NAMED}
@@ -314,7 +324,10 @@ class ChameleonProcessor:
         expansion = self.boi_token + self.image_token * self.image_seq_length + self.eoi_token
         sep = "" if completion else self.special_tokens["sep_token"]
         texts = [(p + sep).replace(self.image_token, expansion) for p in prompts]
-        ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        try:
+            ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        except BaseException as e:
+            _reraise_panic(e, f"{self.source}: the tokenizer failed on the text; is this tokenizer file valid?")
         lengths = [len(x) for x in ids]
         for i, n in enumerate(lengths):
             if max_length is not None and n > max_length:

@@ -287,3 +287,36 @@ def test_jsonl_token_ids_beyond_int64(tmp_path):
     data.write_text('{"text": "fine"}\n{"input_ids": [1, 99999999999999999999]}\n')
     _raises(r"data\.jsonl:2: \"input_ids\" holds 99999999999999999999, not a token id", read_jsonl, data, proc,
             max_length=64)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(num_hidden_layers=1001), r"num_hidden_layers=1001 but the checkpoint holds layers 0\.\.1"),
+    (lambda c: c["vq_config"].update(in_channels=[]), r"vq_config: in_channels: expected an integer >= 1, got \[\]"),
+    (lambda c: c["vq_config"].update(channel_multiplier=[1, "2"]), r"channel_multiplier: expected a list of integers"),
+    (lambda c: c.update(vocab_size=10**30), r"vocab_size: expected an integer >= 1 \(below 2\*\*31\)"),
+])
+def test_config_values_checked_before_use(good, tmp_path, edit, match):
+    """Fuzzer finds: 1001 layers traced for minutes before the missing tensors were reported; a list as
+    in_channels and a 10**30 vocab_size reached jax as TypeError / OverflowError."""
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    _raises(match, cj.load, d)
+
+
+@pytest.mark.parametrize("layout, edit", [
+    ("hf", lambda t: t["post_processor"]["special_tokens"].pop("<s>")),  # loads, then panics in encode
+    ("meta", lambda t: t["model"].update(continuing_subword_prefix="<image>")),  # panics in the BPE model
+])
+def test_tokenizer_panics_become_errors(tmp_path, layout, edit):
+    """tokenizers' Rust panics are BaseExceptions (pyo3 PanicException): they escaped `except Exception`."""
+    from tokenizer_utils import build_test_tokenizer
+
+    build_test_tokenizer(tmp_path, num_image_codes=16, layout=layout)
+    path = tmp_path / ("tokenizer.json" if layout == "hf" else "tokenizer/text_tokenizer.json")
+    tok = json.loads(path.read_text())
+    edit(tok)
+    path.write_text(json.dumps(tok))
+    _raises(r"tokenizer\.json: not a valid tokenizers JSON file \(tokenizers panicked", cj.ChameleonProcessor.from_pretrained,
+            tmp_path)

@@ -169,8 +169,9 @@ def train_reference(train_setup):
 
 
 def _complete_before(labels, k):
-    """The step of the last checkpoint complete when the k-th point killed the run (0: none)."""
-    done = [int(n) for n in (lb.rsplit(" ", 1)[1] for lb in labels[:k - 1] if lb.startswith("trainer: orbax renamed to "))
+    """The step of the last checkpoint complete when the k-th point killed the run (0: none). The
+    "renamed to <step>" point comes after the rename: killed there, that checkpoint is complete."""
+    done = [int(n) for n in (lb.rsplit(" ", 1)[1] for lb in labels[:k] if lb.startswith("trainer: orbax renamed to "))
             if n.isdigit()]  # a step directory's rename, not one of its items' (state, meta)
     return done[-1] if done else 0
 

@@ -189,6 +189,12 @@ def plan_params(source, config: ChameleonConfig, prefix: str = "") -> list[tuple
     starts with it (e.g. :data:`VQ_DECODER`). Raises ChameleonError for missing (a partial
     decoder included), unexpected and wrong-shape tensors, naming the file.
     """
+    where = getattr(source, "directory", "checkpoint")
+    layers = {int(n.split(".")[2]) for n in source.keys()
+              if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if layers and max(layers) + 1 != config.num_hidden_layers:  # before tracing that many layers
+        raise ChameleonError(f"{where}: the config has num_hidden_layers={config.num_hidden_layers} but the "
+                             f"checkpoint holds layers 0..{max(layers)}")
     expected = expected_params(config)
     plan = []
     for path, sds in expected.items():
@@ -196,7 +202,6 @@ def plan_params(source, config: ChameleonConfig, prefix: str = "") -> list[tuple
             name, layout = hf_name(path)
             plan.append((path, name, layout, tuple(sds.shape)))
     have = set(source.keys())
-    where = getattr(source, "directory", "checkpoint")
     decoder = [item for item in plan if item[0].startswith(VQ_DECODER)]
     held = [name for _, name, _, _ in decoder if name in have]
     if decoder and not held:
