@@ -111,7 +111,9 @@ def per_device_bytes(tree) -> int:
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape)
-        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+        dt = jnp.dtype(x.dtype)
+        bits = jnp.iinfo(dt).bits if jnp.issubdtype(dt, jnp.integer) else dt.itemsize * 8  # int4: half a byte
+        total += math.prod(shape) * bits // 8
     return total
 
 
@@ -156,7 +158,7 @@ def abstract_train_state(config: ChameleonConfig, mesh, tc, scan: bool = False):
 
 def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, task: str = "train", seq: int = 4096,
          batch: int = 8, remat: str = "full", dtype: str = "bfloat16", loss_chunk: int = 0, lora_rank: int = 16,
-         base_dtype: str = "bfloat16", scan: bool = False) -> PlanResult:
+         base_dtype: str = "bfloat16", scan: bool = False, quantize: str | None = None) -> PlanResult:
     """Compile ``task`` for ``topology`` on abstract params and return its per-device memory figures."""
     from .model.decoder import Chameleon
     from .sharding import make_mesh
@@ -166,6 +168,8 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
 
     if task not in TASKS:
         raise ChameleonError(f"--task {task!r}: expected one of {list(TASKS)}")
+    if quantize is not None and task != "generate":
+        raise ChameleonError("--quantize: only with --task generate (weight-only int8/int4 is for inference)")
     if scan and task != "train":
         raise ChameleonError("--scan: only with --task train (LoRA and the KV cache use the per-layer tree)")
     devices, hbm = topology_devices(topology)
@@ -196,8 +200,10 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
 
         flat = {k: v for k, v in expected_params(cfg, vq_decoder=False).items() if not k.startswith("vqmodel/")}
         flat_sh = param_shardings(cfg, m, {k: v.shape for k, v in flat.items()})
-        params = _tree({k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype), sharding=flat_sh[k])
-                        for k, v in flat.items()})
+        from .quant import abstract_quantized  # generate --quantize: weight-only int8 / int4
+
+        params = _tree(abstract_quantized({k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype), sharding=flat_sh[k])
+                                           for k, v in flat.items()}, quantize))
         cache_spec = P(("data", "fsdp") if batch % (sizes["data"] * sizes["fsdp"]) == 0 else None, None,
                        "tensor" if cfg.num_key_value_heads % sizes["tensor"] == 0 else None, None)
         cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(m, cache_spec)),
