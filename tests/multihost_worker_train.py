@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 
-from multihost_train_common import STEPS, run_steps, train_config  # noqa: E402
+from multihost_worker_common import STEPS, run_steps, train_config  # noqa: E402
 
 from chameleon_jax.training import Trainer  # noqa: E402
 from chameleon_jax.training.data import process_rows  # noqa: E402

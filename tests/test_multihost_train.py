@@ -19,7 +19,7 @@ from chameleon_jax.errors import ChameleonError
 from chameleon_jax.processing import ChameleonProcessor
 from chameleon_jax.training import Trainer
 from chameleon_jax.training.data import DataLoader, read_jsonl
-from multihost_train_common import STEPS, run_steps, train_config
+from multihost_worker_common import STEPS, run_steps, train_config
 from tokenizer_utils import build_test_tokenizer
 from train_utils import IMAGE_TOKENS, tiny_model_config, write_data
 
