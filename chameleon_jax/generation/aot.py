@@ -51,8 +51,10 @@ def compile_generate(config: ChameleonConfig, params, mesh, *, batch: int, promp
     :meth:`ChameleonModel.put_batch` places them. Image mode: ``modality="image"``,
     ``settings.max_new_tokens`` = the image's token count, ``streams=3`` with guidance.
 
-    Returns {"plan", "blocks", "prefill", "decode"}: the :class:`~.sampler.Plan` and the
-    ``jax.stages.Compiled`` of each program (``memory_analysis()``, ``cost_analysis()``, ``as_text()``).
+    Returns {"plan", "blocks", "prefill", "decode", "abstract"}: the :class:`~.sampler.Plan`, the
+    ``jax.stages.Compiled`` of each program (``memory_analysis()``, ``cost_analysis()``, ``as_text()``),
+    and "abstract": {"blocks", "state"}, the head's row blocks and the loop state as the programs
+    output them (ShapeDtypeStructs with XLA's shardings).
     """
     settings = (settings or GenerationSettings()).validate(config, prompt_length)
     gen = generator or Generator(Chameleon(config), config)
@@ -81,4 +83,5 @@ def compile_generate(config: ChameleonConfig, params, mesh, *, batch: int, promp
     state = _like(out["prefill"].out_info, out["prefill"].output_shardings)
     limit = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
     out["decode"] = gen._decode.lower(params, blocks, state, knobs, limit, plan=plan).compile()
+    out["abstract"] = {"blocks": blocks, "state": state}
     return out
