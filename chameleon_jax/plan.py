@@ -284,6 +284,13 @@ def plan_image_generation(config: ChameleonConfig, topology: str, mesh: Mapping[
         raise ChameleonError(f"--mesh {sizes}: data*fsdp*tensor must equal the topology's {len(devices)} devices")
     m = make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
     cfg = config.replace(dtype=dtype)
+    if cfg.vq_config is not None and not len(cfg.image_vocab.image_token_ids):
+        # a preset carries no vocabulary map (the tokenizer does): Chameleon's layout, image codes at ids 4..
+        from .vocab import BOI_TOKEN, EOI_TOKEN, image_code_name
+
+        n = cfg.vq_config.num_embeddings
+        vm = {image_code_name(c): 4 + c for c in range(n)} | {BOI_TOKEN: 4 + n, EOI_TOKEN: 5 + n}
+        cfg = cfg.replace(vocabulary_map=vm)
     settings, loop = ImageSettings(*guidance).validate(cfg, prompt)
     params = abstract_params(cfg, m, dtype)
     t0 = time.perf_counter()

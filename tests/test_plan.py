@@ -92,8 +92,8 @@ def test_plan_image_generation_counts_three_cache_rows_per_prompt():
 
     vq = VQConfig(embed_dim=8, num_embeddings=64, latent_channels=8, resolution=8, base_channels=32,
                   channel_multiplier=(1, 2), num_res_blocks=1)
-    config = ChameleonConfig(**SMALL, vq_config=vq, vocabulary_map=make_vocabulary_map(256),
-                             max_position_embeddings=256)
+    # no vocabulary map, as in the 7b/30b presets (the tokenizer holds it): the planner lays out the image codes
+    config = ChameleonConfig(**SMALL, vq_config=vq, max_position_embeddings=256)
     res = plan_image_generation(config, "cpu:1", {}, prompt=20, batch=2, dtype="float32")
     n = vq.tokens_per_image
     slots = bucket_length(bucket_length(20) + n)
