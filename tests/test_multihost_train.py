@@ -89,7 +89,10 @@ def test_two_processes_train_like_one(tmp_path):
         for step, rows in enumerate(g["rows"]):
             assert np.array_equal(rows, np.asarray(ref["rows"][step])[:, 2 * i:2 * i + 2])
             assert g["images"][step] == sum(len(ds.examples[r].images) for r in np.ravel(rows))
+        # meshes whose batch split is not the data axis: tensor=8 replicates the batch (every host loads all rows),
+        # fsdp=8 splits it 4 + 4; either way the global array assembled from the shares is the whole batch
         assert g["rows_tensor8"] == list(range(8)) and g["rows_fsdp8"] == list(range(4 * i, 4 * i + 4))
+        assert g["assembled_tensor8"] and g["assembled_fsdp8"]
     # every example of the global batches was read once, by one host
     for step in range(STEPS):
         both = np.concatenate([np.ravel(g["rows"][step]) for g in got])
