@@ -221,7 +221,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import os
 
     from .config import ChameleonConfig, load_preset
-    from .plan import parse_mesh, plan
+    from .plan import parse_mesh, plan, plan_image_generation
 
     if args.model in ("7b", "30b"):
         config = load_preset(f"chameleon-{args.model}")
@@ -232,9 +232,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for key in ("seq", "batch"):
         if getattr(args, key) < 1:
             raise ChameleonError(f"--{key}: expected an integer >= 1, got {getattr(args, key)}")
-    res = plan(config, args.topology, parse_mesh(args.mesh), task=args.task, seq=args.seq, batch=args.batch,
-               remat=args.remat, dtype=args.dtype, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
-               base_dtype=args.base_dtype, scan=args.scan, quantize=args.quantize)
+    if args.image:
+        if args.task != "generate":
+            raise ChameleonError(f"--image: only with --task generate, got --task {args.task}")
+        if args.quantize:
+            raise ChameleonError("--quantize: not with --image yet (the image loop plans float weights)")
+        res = plan_image_generation(config, args.topology, parse_mesh(args.mesh), prompt=args.seq, batch=args.batch,
+                                    dtype=args.dtype)
+    else:
+        res = plan(config, args.topology, parse_mesh(args.mesh), task=args.task, seq=args.seq, batch=args.batch,
+                   remat=args.remat, dtype=args.dtype, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
+                   base_dtype=args.base_dtype, scan=args.scan, quantize=args.quantize)
     print(json.dumps(dataclasses.asdict(res)) if args.json else res.table())
     return 0
 
@@ -380,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--mesh", default="fsdp=8", help="mesh axes whose product is the device count: fsdp=8 or "
                     "data=2,fsdp=2,tensor=2")
     pl.add_argument("--task", default="train", choices=["train", "lora", "generate"], help="what to compile")
-    pl.add_argument("--seq", type=int, default=4096, help="tokens per row (train) or KV-cache length (generate)")
+    pl.add_argument("--seq", type=int, default=4096, help="tokens per row (train), KV-cache length (generate) "
+                    "or prompt tokens (generate --image)")
     pl.add_argument("--batch", type=int, default=8, help="global batch (rows)")
     pl.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],
                     help="rematerialization policy of the decoder layers (train, lora)")
@@ -395,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train: scanned decoder layers (one nn.scan; params stacked [L, ...])")
     pl.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="generate: weight-only int8 / int4 projections and LM head (chameleon_jax/quant.py)")
+    pl.add_argument("--image", action="store_true",
+                    help="generate: image mode's whole decode loop (image_seq_length steps, guidance's 3 cache rows "
+                    "per prompt); bytes accessed are per generated token")
     pl.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     pl.set_defaults(func=_cmd_plan)
     return p
