@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from .checkpoint.hf import has_vq_decoder, read_hf_params
 from .checkpoint.orbax import is_orbax_dir, read_orbax
@@ -386,8 +387,8 @@ class ChameleonModel:
         return float(fns[key](self.params, ids, labels, mask, pos, pixels, lm, jnp.float32(z_loss)))
 
 
-def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, local_files_only: bool | None = None,
-         revision: str | None = None) -> ChameleonModel:
+def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, quantize: str | None = None,
+         local_files_only: bool | None = None, revision: str | None = None) -> ChameleonModel:
     """Load a Chameleon checkpoint directory.
 
     ``path``: an HF directory (config.json + model.safetensors or a sharded index), a
@@ -398,9 +399,15 @@ def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, l
     ``mesh`` (from :func:`chameleon_jax.make_mesh`): params are placed straight into their
     shardings (sharding.RULES); an Orbax directory is restored slice by slice, so no host holds
     the whole model. ``logits`` and ``generate`` then run over the mesh with the batch sharded.
+    ``quantize``: "int8" or "int4" stores the decoder's projections and the LM head as weight-only
+    integers (:mod:`chameleon_jax.quant`; ``dtype`` stays the compute dtype): each tensor of an HF
+    checkpoint is quantized as it is read, so the float model never exists whole on the device.
+    For inference (logits, generate); training needs float params.
     """
+    from . import quant
     from .hub import resolve
 
+    mode = quant.check_mode(quantize)
     path = resolve(path, local_files_only=local_files_only, revision=revision)
     if not os.path.isdir(path):
         raise ChameleonError(f"{path}: no such directory (expected an HF or converted Chameleon checkpoint directory)")
@@ -413,8 +420,16 @@ def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, l
     shardings = param_shardings(config, mesh) if mesh is not None else None
     if is_orbax_dir(path):
         params = read_orbax(path, config, shardings, dtype)
+        if mode is not None:
+            flat = quant.quantize_flat(traverse_util.flatten_dict(params, sep="/"), mode, shardings)
+            params = traverse_util.unflatten_dict(flat, sep="/")
     else:
-        put = (lambda p, a: jax.device_put(a, shardings[p])) if shardings is not None else None
+        def put(p, a):
+            sharding = shardings[p] if shardings is not None else None
+            if mode is not None and quant.is_target(p):
+                return quant.quantize_leaf(p, a, mode, sharding)
+            return jax.device_put(a, sharding) if sharding is not None else jax.device_put(a)
+
         params = read_hf_params(path, config, dtype=dtype, put=put)
     if dtype is None:
         config = config.replace(dtype=_params_dtype(params))

@@ -94,7 +94,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"no --model: using the shipped demo model ({args.model}; it knows the 'shapes' world: "
               "try --prompt '<image>' --image shape.png, or --mode image --prompt 'a red circle on a "
               "white background')", file=sys.stderr)
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, quantize=args.quantize)
     proc = ChameleonProcessor.from_pretrained(args.model)
     prompt = args.prompt
     images = list(args.image or [])
@@ -221,7 +221,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import os
 
     from .config import ChameleonConfig, load_preset
-    from .plan import parse_mesh, plan
+    from .plan import parse_mesh, plan, plan_image_generation
 
     if args.model in ("7b", "30b"):
         config = load_preset(f"chameleon-{args.model}")
@@ -232,9 +232,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for key in ("seq", "batch"):
         if getattr(args, key) < 1:
             raise ChameleonError(f"--{key}: expected an integer >= 1, got {getattr(args, key)}")
-    res = plan(config, args.topology, parse_mesh(args.mesh), task=args.task, seq=args.seq, batch=args.batch,
-               remat=args.remat, dtype=args.dtype, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
-               base_dtype=args.base_dtype, scan=args.scan)
+    if args.image:
+        if args.task != "generate":
+            raise ChameleonError(f"--image: only with --task generate, got --task {args.task}")
+        if args.quantize:
+            raise ChameleonError("--quantize: not with --image yet (the image loop plans float weights)")
+        res = plan_image_generation(config, args.topology, parse_mesh(args.mesh), prompt=args.seq, batch=args.batch,
+                                    dtype=args.dtype)
+    else:
+        res = plan(config, args.topology, parse_mesh(args.mesh), task=args.task, seq=args.seq, batch=args.batch,
+                   remat=args.remat, dtype=args.dtype, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
+                   base_dtype=args.base_dtype, scan=args.scan, quantize=args.quantize)
     print(json.dumps(dataclasses.asdict(res)) if args.json else res.table())
     return 0
 
@@ -326,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "processor's return_for_text_completion)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="params and compute dtype (default float32; bfloat16 for TPU/GPU)")
+    g.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only int8 (per channel) or int4 (groups of 128) projections and LM head")
     g.add_argument("--chunk-size", type=int, default=8, metavar="N",
                    help="tokens generated per on-device loop between prints (default 8)")
     g.add_argument("--mode", choices=["text", "image", "interleaved"], default="text",
@@ -378,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--mesh", default="fsdp=8", help="mesh axes whose product is the device count: fsdp=8 or "
                     "data=2,fsdp=2,tensor=2")
     pl.add_argument("--task", default="train", choices=["train", "lora", "generate"], help="what to compile")
-    pl.add_argument("--seq", type=int, default=4096, help="tokens per row (train) or KV-cache length (generate)")
+    pl.add_argument("--seq", type=int, default=4096, help="tokens per row (train), KV-cache length (generate) "
+                    "or prompt tokens (generate --image)")
     pl.add_argument("--batch", type=int, default=8, help="global batch (rows)")
     pl.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],
                     help="rematerialization policy of the decoder layers (train, lora)")
@@ -391,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank (all projections)")
     pl.add_argument("--scan", action="store_true",
                     help="train: scanned decoder layers (one nn.scan; params stacked [L, ...])")
+    pl.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="generate: weight-only int8 / int4 projections and LM head (chameleon_jax/quant.py)")
+    pl.add_argument("--image", action="store_true",
+                    help="generate: image mode's whole decode loop (image_seq_length steps, guidance's 3 cache rows "
+                    "per prompt); bytes accessed are per generated token")
     pl.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     pl.set_defaults(func=_cmd_plan)
     return p

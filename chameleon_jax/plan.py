@@ -111,7 +111,9 @@ def per_device_bytes(tree) -> int:
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape)
-        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+        dt = jnp.dtype(x.dtype)
+        bits = jnp.iinfo(dt).bits if jnp.issubdtype(dt, jnp.integer) else dt.itemsize * 8  # int4: half a byte
+        total += math.prod(shape) * bits // 8
     return total
 
 
@@ -156,7 +158,7 @@ def abstract_train_state(config: ChameleonConfig, mesh, tc, scan: bool = False):
 
 def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, task: str = "train", seq: int = 4096,
          batch: int = 8, remat: str = "full", dtype: str = "bfloat16", loss_chunk: int = 0, lora_rank: int = 16,
-         base_dtype: str = "bfloat16", scan: bool = False) -> PlanResult:
+         base_dtype: str = "bfloat16", scan: bool = False, quantize: str | None = None) -> PlanResult:
     """Compile ``task`` for ``topology`` on abstract params and return its per-device memory figures."""
     from .model.decoder import Chameleon
     from .sharding import make_mesh
@@ -166,6 +168,8 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
 
     if task not in TASKS:
         raise ChameleonError(f"--task {task!r}: expected one of {list(TASKS)}")
+    if quantize is not None and task != "generate":
+        raise ChameleonError("--quantize: only with --task generate (weight-only int8/int4 is for inference)")
     if scan and task != "train":
         raise ChameleonError("--scan: only with --task train (LoRA and the KV cache use the per-layer tree)")
     devices, hbm = topology_devices(topology)
@@ -196,8 +200,10 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
 
         flat = {k: v for k, v in expected_params(cfg, vq_decoder=False).items() if not k.startswith("vqmodel/")}
         flat_sh = param_shardings(cfg, m, {k: v.shape for k, v in flat.items()})
-        params = _tree({k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype), sharding=flat_sh[k])
-                        for k, v in flat.items()})
+        from .quant import abstract_quantized  # generate --quantize: weight-only int8 / int4
+
+        params = _tree(abstract_quantized({k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype), sharding=flat_sh[k])
+                                           for k, v in flat.items()}, quantize))
         cache_spec = P(("data", "fsdp") if batch % (sizes["data"] * sizes["fsdp"]) == 0 else None, None,
                        "tensor" if cfg.num_key_value_heads % sizes["tensor"] == 0 else None, None)
         cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(m, cache_spec)),
@@ -261,3 +267,60 @@ def parse_mesh(text: str) -> dict:
             raise ChameleonError(f"--mesh {text!r}: expected e.g. fsdp=8 or data=2,fsdp=2,tensor=2")
         out[k.strip()] = int(v)
     return out
+
+
+def plan_image_generation(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, prompt: int = 64,
+                          batch: int = 8, dtype: str = "bfloat16", guidance: tuple[float, float] = (3.0, 1.2),
+                          images: int = 0) -> PlanResult:
+    """``--task generate --image``: compile image mode's whole loop (head blocks, prefill, the decode
+    ``while_loop`` over ``image_seq_length`` steps) on abstract params for ``batch`` prompts of ``prompt``
+    tokens (with ``images`` input images) and report it like :func:`plan`. Guidance other than (1, 1)
+    runs 3 cache rows per prompt (full prompt, its images, unconditioned), so the KV cache and the
+    rows of every step are 3x text mode's. Memory: params (all the model holds, the VQ-VAE encoder
+    included), the head's row blocks and the loop state (KV cache), plus the larger of the prefill's
+    and the decode loop's temporaries; ``bytes_accessed``/``flops``: the decode loop's, which XLA's
+    cost analysis counts for one trip of the loop body, i.e. per generated token."""
+    from .generation.aot import abstract_params, compile_generate
+    from .generation.image import ImageSettings
+    from .sharding import make_mesh
+
+    devices, hbm = topology_devices(topology)
+    sizes = {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
+    if math.prod(sizes.values()) != len(devices):
+        raise ChameleonError(f"--mesh {sizes}: data*fsdp*tensor must equal the topology's {len(devices)} devices")
+    m = make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
+    cfg = config.replace(dtype=dtype)
+    if cfg.vq_config is not None and not len(cfg.image_vocab.image_token_ids):
+        # a preset carries no vocabulary map (the tokenizer does): Chameleon's layout, image codes at ids 4..
+        from .vocab import BOI_TOKEN, EOI_TOKEN, image_code_name
+
+        n = cfg.vq_config.num_embeddings
+        vm = {image_code_name(c): 4 + c for c in range(n)} | {BOI_TOKEN: 4 + n, EOI_TOKEN: 5 + n}
+        cfg = cfg.replace(vocabulary_map=vm)
+    settings, loop = ImageSettings(*guidance).validate(cfg, prompt)
+    params = abstract_params(cfg, m, dtype)
+    t0 = time.perf_counter()
+    try:
+        out = compile_generate(cfg, params, m, batch=batch, prompt_length=prompt, settings=loop, modality="image",
+                               streams=settings.streams, guidance=guidance, images=images)
+    except Exception as e:  # XLA:TPU refuses programs that exceed HBM: report that
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        known = per_device_bytes(params)
+        return PlanResult("generate (image)", topology, sizes, len(devices), known, 0, 0, known, 0, 0, 0, known, hbm,
+                          time.perf_counter() - t0, error=str(e).splitlines()[0][:300])
+    compile_s = time.perf_counter() - t0
+    # XLA's argument figures leave out params a program never reads (the VQ-VAE, the LM head once its
+    # rows are copied), but the model holds them all: count params + head blocks + loop state held, plus
+    # the larger of the prefill's and the decode loop's temporaries and (not donated) outputs.
+    params_bytes, state = per_device_bytes(params), out["abstract"]["state"]
+    held = params_bytes + per_device_bytes(out["abstract"]["blocks"]) + per_device_bytes(state)
+    pre, dec = (out[k].memory_analysis() for k in ("prefill", "decode"))
+    extra = [pre.temp_size_in_bytes, dec.temp_size_in_bytes + max(0, dec.output_size_in_bytes - dec.alias_size_in_bytes)]
+    mem = (pre, dec)[int(extra[1] >= extra[0])]
+    cost = out["decode"].cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
+    return PlanResult("generate (image)", topology, sizes, len(devices), params_bytes, 0,
+                      per_device_bytes(state["cache"]), held, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                      mem.temp_size_in_bytes, held + max(extra), hbm, compile_s, flops=cost.get("flops"),
+                      bytes_accessed=cost.get("bytes accessed"))

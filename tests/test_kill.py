@@ -119,11 +119,11 @@ def train_setup(tmp_path_factory):
     checkpoint every step (keeping 2, so old ones are deleted too) and logs every step."""
     from fuzz import random_checkpoint
     from tokenizer_utils import build_test_tokenizer
-    from train_utils import tiny_config, train_config, write_records
+    from train_utils import tiny_model_config, train_config, write_records
 
     root = tmp_path_factory.mktemp("killtrain")
     vm = build_test_tokenizer(root / "tok", num_image_codes=64, vocab_size=512, image_seq_length=16, image_size=8)
-    random_checkpoint(str(root / "model"), tiny_config(vm), seed=3)
+    random_checkpoint(str(root / "model"), tiny_model_config(vm), seed=3)
     data = write_records(root / "data.jsonl", [{"text": t} for t in (
         "hello world the cat is here .", "a dog and a cat", "the color of the picture is one", "hello dog")])
     tc = train_config(root, data, model=str(root / "model"), tokenizer=str(root / "tok"), steps=3,

@@ -81,3 +81,33 @@ def test_plan_model_may_be_a_config_json(tmp_path, capsys):
     assert cli.main(["plan", "--model", str(path), "--topology", "cpu:1", "--mesh", "fsdp=1", "--task", "generate",
                      "--seq", "32", "--batch", "1", "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_plan_image_generation_counts_three_cache_rows_per_prompt():
+    """generate --image: the whole image-mode loop compiles; its KV cache holds guidance's 3 rows per prompt
+    (full, image, unconditioned), each with slots for the prompt bucket and the image's tokens."""
+    from chameleon_jax.config import VQConfig
+    from chameleon_jax.generation import bucket_length
+    from chameleon_jax.plan import plan_image_generation
+
+    vq = VQConfig(embed_dim=8, num_embeddings=64, latent_channels=8, resolution=8, base_channels=32,
+                  channel_multiplier=(1, 2), num_res_blocks=1)
+    # no vocabulary map, as in the 7b/30b presets (the tokenizer holds it): the planner lays out the image codes
+    config = ChameleonConfig(**SMALL, vq_config=vq, max_position_embeddings=256)
+    res = plan_image_generation(config, "cpu:1", {}, prompt=20, batch=2, dtype="float32")
+    n = vq.tokens_per_image
+    slots = bucket_length(bucket_length(20) + n)
+    head_dim = SMALL["hidden_size"] // SMALL["num_attention_heads"]
+    k_and_v = 2 * SMALL["num_hidden_layers"] * (2 * 3) * slots * SMALL["num_key_value_heads"] * head_dim * 4
+    assert res.cache_bytes == k_and_v
+    assert res.task == "generate (image)" and res.bytes_accessed > 0
+    assert res.total_bytes > res.argument_bytes >= res.params_bytes + res.cache_bytes
+    with pytest.raises(ChameleonError, match="--mesh"):
+        plan_image_generation(config, "cpu:1", {"fsdp": 2})
+
+
+def test_plan_image_flag_needs_task_generate(capsys):
+    from chameleon_jax.cli import main
+
+    assert main(["plan", "--model", "7b", "--topology", "cpu:1", "--mesh", "fsdp=1", "--task", "train", "--image"]) == 2
+    assert "--image" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from tokenizer_utils import build_test_tokenizer
 IMAGE_TOKENS = 16  # 8x8 px images, 2x downsampling -> 4x4 codes
 
 
-def tiny_config(vm: dict) -> ChameleonConfig:
+def tiny_model_config(vm: dict) -> ChameleonConfig:
     return ChameleonConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=vm["<s>"], eos_token_id=vm["</s>"],
@@ -31,7 +31,7 @@ def tiny_config(vm: dict) -> ChameleonConfig:
 
 
 def tiny_model(vm: dict, seed: int = 0) -> cj.ChameleonModel:
-    config = tiny_config(vm)
+    config = tiny_model_config(vm)
     params = nn.unbox(init_params(config, jax.random.key(seed)))
     rng = np.random.default_rng(seed)  # norms init to 1/0: perturb them so their gradients matter
     def perturb(path, x):

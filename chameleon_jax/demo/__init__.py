@@ -106,23 +106,24 @@ def checkpoint_dir() -> str:
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def load_demo():
-    """(model, processor) of the shipped demo checkpoint, float32, loaded once per process."""
+@functools.lru_cache(maxsize=3)
+def load_demo(quantize: str | None = None):
+    """(model, processor) of the shipped demo checkpoint, float32 (``quantize``: "int8" / "int4"
+    weights, see :func:`chameleon_jax.load`), loaded once per process and setting."""
     from ..api import load
     from ..processing import ChameleonProcessor
 
     path = checkpoint_dir()
-    return load(path, dtype="float32"), ChameleonProcessor.from_pretrained(path)
+    return load(path, dtype="float32", quantize=quantize), ChameleonProcessor.from_pretrained(path)
 
 
 CAPTION_PROMPT = "<image>"  # the template the demo model was trained on (the processor adds <sep>)
 
 
-def caption(images, max_new_tokens: int = 12) -> list[str]:
+def caption(images, max_new_tokens: int = 12, *, quantize: str | None = None) -> list[str]:
     """Greedy captions of images (PIL images, file paths or uint8 [H, W, 3] arrays; 64x64 is native,
     others are resized and center-cropped by the processor)."""
-    model, proc = load_demo()
+    model, proc = load_demo(quantize)
     images = list(images)
     if not images:
         return []
@@ -133,10 +134,11 @@ def caption(images, max_new_tokens: int = 12) -> list[str]:
 
 
 def draw(captions, seed: int = 0, *, guidance_scale_text: float = 3.0, guidance_scale_image: float = 1.2,
-         do_sample: bool = True, temperature: float = 0.7, top_p: float = 0.9, progress=None) -> list:
+         do_sample: bool = True, temperature: float = 0.7, top_p: float = 0.9, progress=None,
+         quantize: str | None = None) -> list:
     """One 64x64 PIL image per caption, drawn by the demo model in image mode (Meta's 3-stream
     classifier-free guidance; both scales 1.0 turn it off)."""
-    model, proc = load_demo()
+    model, proc = load_demo(quantize)
     captions = [captions] if isinstance(captions, str) else list(captions)
     if not captions:
         return []

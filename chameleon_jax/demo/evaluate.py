@@ -17,9 +17,9 @@ from . import caption, draw, load_demo, world
 FIELDS = ("color", "shape", "background")
 
 
-def caption_accuracy(n: int = 200, seed: int = 2024) -> dict:
+def caption_accuracy(n: int = 200, seed: int = 2024, quantize: str | None = None) -> dict:
     imgs, scenes = world.sample(n, seed=seed, split="eval")
-    caps = caption(list(imgs))
+    caps = caption(list(imgs), quantize=quantize)
     parsed = [world.parse_caption(c) for c in caps]
     out = {"exact": float(np.mean([p == s.attributes for p, s in zip(parsed, scenes)]))}
     for i, name in enumerate(FIELDS):
@@ -28,10 +28,10 @@ def caption_accuracy(n: int = 200, seed: int = 2024) -> dict:
     return out
 
 
-def drawing_accuracy(seed: int = 0, **guidance) -> dict:
+def drawing_accuracy(seed: int = 0, quantize: str | None = None, **guidance) -> dict:
     """Per field, the share of the 54 captions whose drawing the classifier reads back."""
     caps = world.all_captions()
-    got = [world.classify(im) for im in draw(caps, seed=seed, **guidance)]
+    got = [world.classify(im) for im in draw(caps, seed=seed, quantize=quantize, **guidance)]
     want = [world.parse_caption(c) for c in caps]
     out = {name: float(np.mean([g[i] == w[i] for g, w in zip(got, want)])) for i, name in enumerate(FIELDS)}
     out["all"] = float(np.mean([g == w for g, w in zip(got, want)]))

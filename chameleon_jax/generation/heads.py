@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ChameleonConfig
+from .. import quant
 from ..errors import ChameleonError
+from ..quant import QArray
 
 Array = jax.Array
 
@@ -66,12 +68,16 @@ class VocabHead:
     def _blocks(self, params):
         c = self.config
         ids = jnp.asarray(self.token_ids)
+        rows = -(-self.size // self.chunks)
+        if not c.tie_word_embeddings and isinstance(params["lm_head"], QArray):
+            # quantized head: kept in its [D, V] layout (the quantized matmul's), columns gathered
+            w = quant.pad_columns(quant.take_columns(params["lm_head"], ids), rows * self.chunks - self.size)
+            return quant.split_columns(w, self.chunks)
         if c.tie_word_embeddings:
             w = jnp.take(params["embed_tokens"]["embedding"], ids, axis=0)  # [Vh, D]
         else:
             w = jnp.take(params["lm_head"], ids, axis=1).T  # [Vh, D]
         w = w.astype(jnp.dtype(c.dtype))
-        rows = -(-self.size // self.chunks)
         w = jnp.pad(w, ((0, rows * self.chunks - self.size), (0, 0)))
         return tuple(w[i * rows : (i + 1) * rows] for i in range(self.chunks))
 
@@ -87,7 +93,8 @@ class VocabHead:
         """Hidden states [R, D] -> logits over the subset [R, size] fp32."""
         dt = jnp.dtype(self.config.dtype)
         x = x.astype(dt)
-        parts = [jnp.einsum("bd,vd->bv", x, w, preferred_element_type=jnp.float32) for w in blocks]
+        parts = [quant.matmul(x, w, dt, jnp.float32) if isinstance(w, QArray)
+                 else jnp.einsum("bd,vd->bv", x, w, preferred_element_type=jnp.float32) for w in blocks]
         return jnp.concatenate(parts, axis=-1)[:, : self.size]
 
 

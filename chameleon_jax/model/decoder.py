@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ChameleonConfig
+from ..quant import QArray, matmul as quant_matmul
 from .vqvae import VQVAE
 
 Array = jax.Array
@@ -31,6 +32,16 @@ _NEG = float(np.finfo(np.float32).min)
 def _param(mod: nn.Module, name: str, shape, axes, init=nn.initializers.normal(0.02)):
     """A parameter carrying logical axis names (mapped to mesh axes by sharding.py)."""
     return mod.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _weight(mod: nn.Module, name: str, shape, axes):
+    """A matrix param, or the :class:`~chameleon_jax.quant.QArray` stored in its place (its layout
+    differs from ``shape``, so it bypasses the param's shape check)."""
+    if mod.has_variable("params", name):
+        value = mod.get_variable("params", name)
+        if isinstance(value, QArray):
+            return value
+    return _param(mod, name, shape, axes)
 
 
 def _cast(x: Array, dtype) -> Array:
@@ -149,10 +160,13 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dt = jnp.dtype(self.dtype)
-        kernel = _cast(_param(self, "kernel", self.shape, self.axes), dt)
+        kernel = _weight(self, "kernel", self.shape, self.axes)
         lhs, kern = self.spec.split("->")[0].split(",")
         n_in = sum(ch in lhs for ch in kern)  # leading kernel dims contracted with x's trailing dims
-        y = matmul_2d(_cast(x, dt), kernel, n_in)
+        if isinstance(kernel, QArray):  # weight-only int8/int4 (chameleon_jax/quant.py)
+            y = quant_matmul(x, kernel, dt)
+        else:
+            y = matmul_2d(_cast(x, dt), _cast(kernel, dt), n_in)
         if self.bias_ndim:
             shape, axes = self.shape[-self.bias_ndim :], self.axes[-self.bias_ndim :]
             y = y + _cast(_param(self, "bias", shape, axes, nn.initializers.zeros), dt)
@@ -259,7 +273,10 @@ REMAT_POLICIES = {
 def head_logits(config: ChameleonConfig, x: Array, w: Array, suppress_image_tokens: bool = True) -> Array:
     """Hidden states [..., D] @ head ``w`` [D, V] -> fp32 logits [..., V]; image tokens at the fp32 min
     when ``suppress_image_tokens`` (transformers' forward)."""
-    logits = matmul_2d(_cast(x, w.dtype), w, 1, jnp.float32)
+    if isinstance(w, QArray):
+        logits = quant_matmul(x, w, jnp.dtype(config.dtype), jnp.float32)
+    else:
+        logits = matmul_2d(_cast(x, w.dtype), w, 1, jnp.float32)
     image_ids = config.image_vocab.image_token_ids
     if suppress_image_tokens and len(image_ids):
         is_image = np.zeros((config.vocab_size,), bool)
@@ -306,12 +323,7 @@ class Chameleon(nn.Module):
             self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), name="norm")
         if not c.tie_word_embeddings:
-            self.lm_head = self.param(
-                "lm_head",
-                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
-                (c.hidden_size, c.vocab_size),
-                jnp.float32,
-            )
+            self.lm_head = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
         if c.vq_config is not None:
             self.vqmodel = VQVAE(c.vq_config, name="vqmodel")
 
@@ -389,7 +401,9 @@ class Chameleon(nn.Module):
         """The LM head [D, V] in the compute dtype (the embeddings transposed when tied)."""
         c = self.config
         dt = jnp.dtype(c.dtype)
-        return _cast(self.embed_tokens.embedding, dt).T if c.tie_word_embeddings else _cast(self.lm_head, dt)
+        if c.tie_word_embeddings:
+            return _cast(self.embed_tokens.embedding, dt).T
+        return self.lm_head if isinstance(self.lm_head, QArray) else _cast(self.lm_head, dt)
 
     def logits(self, x: Array, suppress_image_tokens: bool = True) -> Array:
         """Final hidden states [B, T, D] -> logits [B, T, V] fp32; image tokens at the fp32 min."""

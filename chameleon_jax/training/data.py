@@ -30,6 +30,14 @@ and the batches of a window are shuffled. The last incomplete step batch of an e
 The position ``(epoch, index)`` (index = examples consumed in the epoch) goes into checkpoints;
 ``load_state_dict`` resumes exactly there.
 
+Multi-host: ``batch_size`` is global. Every process computes the same order (it depends only on
+the seed, the epoch and the dataset) and the same bucket length (from the whole step batch), but
+collates, tokenizes nothing more and decodes images of only its own rows of each microbatch: by
+default process ``i`` of ``n`` takes rows ``[i * batch_size / n, (i + 1) * batch_size / n)``;
+``rows`` overrides that with the rows the batch sharding gives this process's devices
+(:func:`process_rows`). The position is global, so a checkpoint resumes the same order with any
+process count.
+
 Bad input raises ChameleonError naming ``file:line``: a line that is not JSON or lacks fields
 (``skip_bad_lines`` skips and counts those instead), a missing image file, a sequence longer than
 ``max_length`` (``truncate`` cuts it instead, dropping an image the cut would split).
@@ -294,19 +302,33 @@ def read_jsonl(path: str, processor, *, max_length: int, truncate: bool = False,
 class DataLoader:
     """Deterministic, resumable batches over a :class:`Dataset` (see the module docstring).
 
-    ``batch_size`` is global; with ``process_count > 1`` this process gets its contiguous slice of
-    rows of each microbatch (``batch_size / process_count`` rows), while the bucket length is
-    chosen from the global step batch so every process agrees.
+    ``batch_size`` is global. ``process_index`` / ``process_count`` (default: this JAX process's)
+    pick this process's share of each microbatch: a contiguous ``batch_size / process_count`` rows,
+    or the row indices ``rows`` (sorted, within ``range(batch_size)``; :func:`process_rows` gives
+    them for a batch sharding). The bucket length is chosen from the global step batch so every
+    process agrees. Each batch's ``"rows"`` [grad_accum, local rows] are the dataset indices of the
+    examples collated.
     """
 
     def __init__(self, dataset: Dataset, processor, *, batch_size: int, grad_accum: int = 1, seed: int = 0,
-                 max_length: int, buckets=None, length_grouping: int = 0, process_index: int = 0,
-                 process_count: int = 1):
+                 max_length: int, buckets=None, length_grouping: int = 0, process_index: int | None = None,
+                 process_count: int | None = None, rows=None):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        process_index, process_count = int(process_index), int(process_count)
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ChameleonError(f"process_index {process_index}: expected 0 <= index < process_count "
+                                 f"{process_count}")
         self.dataset, self.processor = dataset, processor
         self.batch_size, self.grad_accum, self.seed = int(batch_size), int(grad_accum), int(seed)
         self.step_size = self.batch_size * self.grad_accum
-        if self.batch_size % process_count:
-            raise ChameleonError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+        if self.batch_size < 1 or self.batch_size % process_count:
+            raise ChameleonError(
+                f"batch_size {batch_size}: the global batch must divide evenly over the {process_count} "
+                f"processes (each loads batch_size / {process_count} rows); use a multiple of {process_count}")
         if len(dataset) < self.step_size:
             raise ChameleonError(
                 f"{dataset.path}: {len(dataset)} examples, fewer than one step "
@@ -318,6 +340,14 @@ class DataLoader:
                 f"buckets {list(self.buckets)}: the largest must be >= max_length {max_length}")
         self.length_grouping = int(length_grouping)
         self.process_index, self.process_count = process_index, process_count
+        if rows is None:
+            local = self.batch_size // process_count
+            rows = range(process_index * local, (process_index + 1) * local)
+        self.rows = np.asarray(list(rows), np.int64)
+        if (self.rows.size == 0 or np.any(np.diff(self.rows) <= 0) or self.rows[0] < 0
+                or self.rows[-1] >= self.batch_size):
+            raise ChameleonError(f"rows {self.rows.tolist()[:16]}: expected increasing row indices within "
+                                 f"batch_size {self.batch_size}")
         self.pad_id = processor.pad_token_id if processor.pad_token_id is not None else 0
         self.lengths = np.array([len(e) for e in dataset.examples])
         self.epoch, self.index = 0, 0
@@ -380,9 +410,9 @@ class DataLoader:
     def collate(self, idx: np.ndarray) -> dict:
         """Example indices of one step (grad_accum * batch_size) -> this process's arrays."""
         a, b = self.grad_accum, self.batch_size
-        t = self.bucket(int(self.lengths[idx].max()))
-        local = b // self.process_count
-        rows = idx.reshape(a, b)[:, self.process_index * local:(self.process_index + 1) * local]
+        t = self.bucket(int(self.lengths[idx].max()))  # from the global step: every process agrees
+        rows = idx.reshape(a, b)[:, self.rows]
+        local = rows.shape[1]
         ids = np.full((a, local, t), self.pad_id, np.int32)
         labels = np.full((a, local, t), IGNORE_INDEX, np.int32)
         mask = np.zeros((a, local, t), np.int32)
@@ -395,4 +425,14 @@ class DataLoader:
                 images += ex.images
         pixels = self.processor.preprocess_images(images) if images else None
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels,
-                "epoch": self.epoch, "index": self.index}
+                "epoch": self.epoch, "index": self.index, "rows": rows}
+
+
+def process_rows(sharding, shape) -> np.ndarray:
+    """The batch rows (dim 1 of an [A, B, T] batch of global ``shape``) that this process's devices
+    hold under ``sharding``, in increasing order: what ``jax.make_array_from_process_local_data``
+    expects this process to pass (its devices' slices, concatenated in order)."""
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        rows.update(range(shape[1])[index[1]])
+    return np.asarray(sorted(rows), np.int64)

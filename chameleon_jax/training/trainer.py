@@ -90,7 +90,7 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         from ..demo.assets import build_demo_assets
-        from .data import DataLoader, read_jsonl
+        from .data import DataLoader, process_rows, read_jsonl
         from ..processing import ChameleonProcessor
         from ..sharding import param_shardings
 
@@ -172,11 +172,11 @@ class Trainer:
         self.dataset = read_jsonl(paths["data"], self.processor, max_length=tc.max_length,
                                   truncate=tc.truncate, skip_bad_lines=tc.skip_bad_lines,
                                   append_eos=tc.append_eos)
+        # Multi-host: every process reads the same order but collates only the rows its devices hold.
         self.loader = DataLoader(self.dataset, self.processor, batch_size=tc.batch_size,
                                  grad_accum=tc.grad_accum, seed=tc.seed, max_length=tc.max_length,
-                                 buckets=tc.buckets,
-                                 length_grouping=tc.length_grouping, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+                                 buckets=tc.buckets, length_grouping=tc.length_grouping,
+                                 rows=process_rows(self._batch_sharding(), (tc.grad_accum, tc.batch_size, 1)))
 
         # ---- checkpoints
         self.step = 0
@@ -213,15 +213,19 @@ class Trainer:
                 raise ChameleonError(
                     f"data: batch holds {slots.sum()} <image> slots but {n} image(s) give {tokens.size}")
             ids[slots] = tokens.reshape(-1)
-        from ..sharding import logical_to_spec
-
         out = {}
         host = {"input_ids": ids, "labels": batch["labels"], "attention_mask": batch["attention_mask"]}
-        for key, local in host.items():
-            shape = (local.shape[0], local.shape[1] * jax.process_count(), local.shape[2])
-            sharding = NamedSharding(self.mesh, logical_to_spec((None, "batch", None), shape, self.mesh))
-            out[key] = jax.make_array_from_process_local_data(sharding, local, shape)
+        for key, local in host.items():  # this process's rows -> one global [A, B, T] array
+            shape = (local.shape[0], self.tc.batch_size, local.shape[2])
+            out[key] = jax.make_array_from_process_local_data(self._batch_sharding(), local, shape)
         return out
+
+    def _batch_sharding(self) -> NamedSharding:
+        """The sharding of an [A, B, T] batch: B over the data and fsdp axes (when it divides)."""
+        from ..sharding import logical_to_spec
+
+        shape = (self.tc.grad_accum, self.tc.batch_size, 1)
+        return NamedSharding(self.mesh, logical_to_spec((None, "batch", None), shape, self.mesh))
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch: dict) -> dict:

@@ -1,0 +1,270 @@
+"""Weight-only int8 / int4 quantization of the decoder's projections and the LM head, for inference.
+
+A quantized kernel is a :class:`QArray` in the param tree where the float kernel was: ``q`` holds
+integers in the kernel's own shape (so it takes the kernel's sharding), ``scale`` float32 scales.
+
+- int8: one scale per output channel, ``w ~ q * scale``, q in [-127, 127].
+- int4: one scale per output channel and per group of ``group`` consecutive input rows (the
+  contracted dims flattened), q in [-7, 7], stored as ``jnp.int4`` (half a byte per weight on
+  TPU/GPU).
+
+Quantized: every ``layers_*`` projection kernel (q/k/v/o, gate/up/down) and ``lm_head``. Kept in
+float: embeddings (a lookup reads one row per token), norms, biases, the VQ-VAE.
+
+Matmul implementations (``QArray.impl``, fixed when the array is made, from the device it is made
+for): ``"xla"`` dequantizes in the matmul's operand and leaves fusion to XLA (TPU and GPU fuse the
+convert into the dot, so the weight bytes read are the integer bytes); ``"blocked"`` (XLA:CPU, which
+does not fuse) walks the contracted dim in blocks of ``BLOCK`` rows, converting one block at a time
+while it is in cache, and applies the int8 scales to the output.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from .errors import ChameleonError
+
+Array = jax.Array
+MODES = ("int8", "int4")
+GROUP = {"int8": 0, "int4": 128}  # contracted rows per scale (0: one scale per output channel)
+BLOCK = 128  # contracted rows per step of the CPU ("blocked") matmul
+_QMAX = {"int8": 127, "int4": 7}
+_TARGET = re.compile(r"^(layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel|lm_head)$")
+
+
+@struct.dataclass
+class QArray:
+    """A quantized kernel of ``shape`` (its first ``n_in`` dims contracted, K their product; N the
+    product of the rest), in the layout the matmul reads without a reshape of the integers:
+
+    - ``q`` [G, g, N] int8 / int4: K split into G groups of g consecutive rows (G = 1: per channel);
+    - ``scale`` [G, N] float32: one per group and output channel.
+
+    (TPU tiles int4 in memory, so reshaping a [K, N] int4 array is a real copy that XLA does not
+    fuse into the dot; a [G, g, N] array contracts over (G, g) directly.)
+    """
+
+    q: Array
+    scale: Array
+    mode: str = struct.field(pytree_node=False, default="int8")
+    shape: tuple = struct.field(pytree_node=False, default=())
+    n_in: int = struct.field(pytree_node=False, default=1)
+    impl: str = struct.field(pytree_node=False, default="xla")
+
+    @property
+    def group(self) -> int:
+        return int(self.q.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        bits = 8 if self.mode == "int8" else 4
+        return math.prod(self.q.shape) * bits // 8 + math.prod(self.scale.shape) * 4
+
+    def dequantize(self, dtype=jnp.float32) -> Array:
+        """The float kernel ``q * scale`` in the kernel's shape."""
+        return (self.q.astype(dtype) * self.scale.astype(dtype)[:, None]).reshape(self.shape)
+
+
+def check_mode(mode) -> str | None:
+    if mode is None or mode == "none":
+        return None
+    if mode not in MODES:
+        raise ChameleonError(f"quantize: {mode!r} is not supported; expected one of {list(MODES)} (or None)")
+    return mode
+
+
+def is_target(path: str) -> bool:
+    """Whether the param at flat ``path`` (``a/b/c``) is quantized."""
+    return bool(_TARGET.match(path))
+
+
+def contracted_dims(path: str) -> int:
+    """Leading kernel dims contracted with the input: o_proj [H, Dh, D] contracts two."""
+    return 2 if "/o_proj/" in path else 1
+
+
+def group_size(mode: str, k: int, group: int | None = None) -> int:
+    """Contracted rows per scale: ``group`` (default GROUP[mode]; 0 = all K) cut to a divisor of K."""
+    g = GROUP[mode] if group is None else group
+    return k if g <= 0 or g >= k else math.gcd(k, g)
+
+
+def _impl_for(platform: str | None) -> str:
+    return "blocked" if platform == "cpu" else "xla"
+
+
+def _quantize(w: Array, mode: str, n_in: int, group: int):
+    shape = w.shape
+    k = math.prod(shape[:n_in])
+    qmax = _QMAX[mode]
+    wg = w.astype(jnp.float32).reshape(k // group, group, -1)
+    amax = jnp.max(jnp.abs(wg), axis=1)
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    q = jnp.clip(jnp.round(wg / scale[:, None]), -qmax, qmax).astype(jnp.int8 if mode == "int8" else jnp.int4)
+    return q, scale
+
+
+@functools.lru_cache(maxsize=64)
+def _quantizer(out_shardings):
+    return jax.jit(_quantize, static_argnums=(1, 2, 3), out_shardings=out_shardings)
+
+
+def quantize(w, mode: str, n_in: int = 1, *, group: int | None = None, impl: str | None = None,
+             sharding=None) -> QArray:
+    """Quantize one float kernel (numpy or jax array). ``sharding``: the kernel's NamedSharding;
+    the result is placed to match it (:func:`q_specs`). ``impl`` defaults to the one for the
+    platform the result lands on."""
+    mode = check_mode(mode)
+    shape = tuple(int(d) for d in w.shape)
+    if len(shape) <= n_in:
+        raise ChameleonError(f"quantize: a kernel of shape {shape} has no output dims past its {n_in} input dim(s)")
+    k, n = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+    g = group_size(mode, k, group)
+    out_shardings = None
+    if sharding is not None:
+        from jax.sharding import NamedSharding
+
+        qs, ss = q_specs(sharding.spec, sharding.mesh, n_in, k // g, g, n)
+        out_shardings = (NamedSharding(sharding.mesh, qs), NamedSharding(sharding.mesh, ss))
+    q, scale = _quantizer(out_shardings)(w, mode, n_in, g)
+    if impl is None:
+        impl = _impl_for(next(iter(q.devices())).platform)
+    return QArray(q, scale, mode, shape, n_in, impl)
+
+
+def q_specs(kernel_spec, mesh, n_in: int, groups: int, group: int, n: int):
+    """PartitionSpecs of (q [G, g, N], scale [G, N]) from the kernel's: the mesh axes of the kernel's
+    first contracted dim go to G, or to g when they do not divide G (e.g. G = 1, or 86 groups of the
+    7B down_proj on 8 chips; the scales are then replicated over G), its first output dim's to N.
+    An axis whose size does not divide its dim is dropped (replicated), as sharding.RULES does."""
+    from jax.sharding import PartitionSpec as P
+
+    parts = tuple(kernel_spec) + (None,) * (n_in + 1)
+
+    def fit(axes, dim):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        return axes if names and dim % math.prod(mesh.shape[a] for a in names) == 0 else None
+
+    s_in, s_out = parts[0], fit(parts[n_in], n)
+    if fit(s_in, groups) is not None:
+        return P(s_in, None, s_out), P(s_in, s_out)
+    return P(None, fit(s_in, group), s_out), P(None, s_out)
+
+
+def quantize_flat(flat: dict, mode: str, shardings: dict | None = None) -> dict:
+    """Quantize the target leaves of a flat {path: array} tree (others unchanged); each original
+    leaf is dropped as soon as its quantized copy exists."""
+    mode = check_mode(mode)
+    if mode is None:
+        return flat
+    if any(p.startswith("layers/") for p in flat):
+        raise ChameleonError("quantize: params with stacked (scanned) layers; unstack them first (unstack_layers)")
+    out = {}
+    for path in list(flat):
+        w = flat.pop(path)
+        out[path] = quantize_leaf(path, w, mode, shardings.get(path) if shardings else None) if is_target(path) else w
+    return out
+
+
+def quantize_leaf(path: str, w, mode: str, sharding=None):
+    """Quantize the target param at ``path`` (a float array) into its QArray, placed like ``sharding``."""
+    return quantize(w, mode, contracted_dims(path), sharding=sharding)
+
+
+def abstract_quantized(flat: dict, mode: str, impl: str = "xla") -> dict:
+    """Shape-only quantized tree of a flat {path: jax.ShapeDtypeStruct} tree (for AOT compiles and
+    the planner); shardings follow the kernels' ones when they have them."""
+    from jax.sharding import NamedSharding
+
+    mode = check_mode(mode)
+    out = {}
+    for path, x in flat.items():
+        if mode is None or not is_target(path):
+            out[path] = x
+            continue
+        n_in = contracted_dims(path)
+        shape = tuple(x.shape)
+        k, n = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+        g = group_size(mode, k)
+        sh = getattr(x, "sharding", None)
+        q_sh = s_sh = None
+        if isinstance(sh, NamedSharding):
+            qs, ss = q_specs(sh.spec, sh.mesh, n_in, k // g, g, n)
+            q_sh, s_sh = NamedSharding(sh.mesh, qs), NamedSharding(sh.mesh, ss)
+        qdt = jnp.int8 if mode == "int8" else jnp.int4
+        out[path] = QArray(jax.ShapeDtypeStruct((k // g, g, n), qdt, sharding=q_sh),
+                           jax.ShapeDtypeStruct((k // g, n), jnp.float32, sharding=s_sh), mode, shape, n_in, impl)
+    return out
+
+
+# ------------------------------------------------------------------ matmul
+def matmul(x: Array, w: QArray, dtype, out_dtype=None) -> Array:
+    """``x``'s trailing ``w.n_in`` dims contracted with the kernel's leading ones: x @ dequantize(w)."""
+    lead, tail = x.shape[: x.ndim - w.n_in], w.shape[w.n_in:]
+    groups, g, n = w.q.shape
+    x3 = x.reshape(-1, groups, g).astype(dtype)
+    if w.impl == "blocked":
+        y = _blocked(x3, w, dtype)
+    elif groups == 1:  # one scale per output channel: scale the output
+        y = jnp.einsum("rgk,gkn->rn", x3, w.q.astype(dtype), preferred_element_type=jnp.float32) * w.scale[0]
+    else:
+        wd = w.q.astype(dtype) * w.scale.astype(dtype)[:, None]
+        y = jnp.einsum("rgk,gkn->rn", x3, wd, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or dtype).reshape(lead + tail)
+
+
+def _blocked(x3: Array, w: QArray, dtype) -> Array:
+    """XLA:CPU path: a scan over blocks of contracted rows, each block of q converted while it is in
+    cache and its group's scales applied to the block's product (per channel: once, at the end)."""
+    groups, g, n = w.q.shape
+    r = x3.shape[0]
+    if groups == 1:
+        bs = math.gcd(g, BLOCK)
+        xb = x3.reshape(r, g // bs, bs).transpose(1, 0, 2)
+        qb = w.q.reshape(g // bs, bs, n)
+        scales = jnp.ones((g // bs, 1), jnp.float32)
+    else:
+        xb, qb, scales = x3.transpose(1, 0, 2), w.q, w.scale
+
+    def body(acc, blk):
+        xx, qq, ss = blk
+        return acc + jnp.dot(xx, qq.astype(dtype), preferred_element_type=jnp.float32) * ss, None
+
+    y, _ = jax.lax.scan(body, jnp.zeros((r, n), jnp.float32), (xb, qb, scales))
+    return y * w.scale[0] if groups == 1 else y
+
+
+def take_columns(w: QArray, ids) -> QArray:
+    """The output columns ``ids`` of a QArray with one output dim (a vocabulary subset of the LM head)."""
+    ids = jnp.asarray(ids)
+    return w.replace(q=jnp.take(w.q, ids, axis=2), scale=jnp.take(w.scale, ids, axis=1),
+                     shape=w.shape[:w.n_in] + (int(ids.shape[0]),))
+
+
+def pad_columns(w: QArray, extra: int) -> QArray:
+    if not extra:
+        return w
+    return w.replace(q=jnp.pad(w.q, ((0, 0), (0, 0), (0, extra))),
+                     scale=jnp.pad(w.scale, ((0, 0), (0, extra)), constant_values=1.0),
+                     shape=w.shape[:w.n_in] + (w.shape[-1] + extra,))
+
+
+def split_columns(w: QArray, parts: int) -> tuple[QArray, ...]:
+    n = w.shape[-1] // parts
+    return tuple(w.replace(q=w.q[:, :, i * n:(i + 1) * n], scale=w.scale[:, i * n:(i + 1) * n],
+                           shape=w.shape[:w.n_in] + (n,)) for i in range(parts))
+
+
+def param_bytes(params) -> int:
+    """Bytes the params occupy (int4 counted as half a byte)."""
+    total = 0
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)):
+        total += leaf.nbytes if isinstance(leaf, QArray) else int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return total
