@@ -147,6 +147,9 @@ class ChameleonConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     dtype: str = "float32"
+    # Runtime choice, not saved: "einsum" (ours), "xla" / "cudnn" (jax.nn.dot_product_attention), or a name
+    # given to model.attention.register_attention (e.g. a Pallas TPU kernel).
+    attention_impl: str = "einsum"
     vq_config: VQConfig | None = field(default_factory=VQConfig)
     vocabulary_map: Mapping[str, int] | None = field(default=None, compare=False, repr=False)
 
@@ -228,7 +231,7 @@ class ChameleonConfig:
         kw["eos_token_id"] = tuple(eos) if isinstance(eos, list) else eos
         if d.get("num_key_value_heads") is None:
             d["num_key_value_heads"] = d["num_attention_heads"]
-        names = {f.name for f in dataclasses.fields(cls)} - {"rope_type", "rope_factor", "dtype"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_type", "rope_factor", "dtype", "attention_impl"}
         # transformers' save_pretrained writes any kwarg it was given (hidden_dropout_prob, ...) and
         # loads such files: so do we, saying which fields were ignored. Known fields stay strict.
         unknown = sorted(set(d) - names - _HF_GENERIC_KEYS) + [f"vq_config.{k}" for k in vq_unknown]
@@ -259,7 +262,8 @@ class ChameleonConfig:
             "model_type": "chameleon",
         }
         for f in dataclasses.fields(self):
-            if f.name in ("rope_theta", "rope_type", "rope_factor", "vq_config", "vocabulary_map", "dtype", "qk_norm_eps"):
+            if f.name in ("rope_theta", "rope_type", "rope_factor", "vq_config", "vocabulary_map", "dtype", "qk_norm_eps",
+                          "attention_impl"):
                 continue
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
