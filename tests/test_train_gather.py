@@ -77,13 +77,11 @@ def _close(out, ref, start=None, tol=1e-6):
 
 
 def test_per_layer_gather_step_equals_the_step_without_gathers(model):
-    """fsdp=4, tensor=2 (each layer all-gathered inside its remat region, unrolled or in the scan body)
-    against one device, where nothing is gathered: the previous step's numbers."""
+    """fsdp=4, tensor=2 (each layer all-gathered inside its remat region, in the scan body) against one
+    device, where nothing is gathered: the previous step's numbers."""
     _, flat, _ = model
     ref, ref_losses, _ = _run(model, (1, 1, 1))
-    unrolled, losses, _ = _run(model, (1, 4, 2))
-    _close(unrolled, ref, flat)
-    assert np.allclose(losses, ref_losses, rtol=1e-6)
+    # (the unrolled layers' per-layer gather: test_train.py::test_sharded_step_matches_single_device)
     scanned, losses, temp = _run(model, (1, 4, 2), scan=True, memory=True)
     _close(scanned, ref, flat)
     assert np.allclose(losses, ref_losses, rtol=1e-6)
@@ -98,3 +96,59 @@ def test_per_layer_lora_merge_and_gather_equal_the_step_without_gathers(model):
     out, losses, _ = _run(model, (1, 4, 2), scan=True, lora=True)
     _close(out, ref)
     assert np.allclose(losses, ref_losses, rtol=1e-6)
+
+
+def test_query_chunked_attention_equals_whole_attention(model):
+    """attention_chunk: logits and gradients equal the all-queries attention (a chunk that does not divide
+    the length, a left-padded row whose first queries see no key)."""
+    from chameleon_jax.model.decoder import causal_mask, default_positions
+    from chameleon_jax.model.loss import model_loss
+
+    config, flat, batch = model
+    params = _tree(flat)
+    ids, mask = jnp.asarray(batch["input_ids"][0]), jnp.asarray(batch["attention_mask"][0])
+    labels = jnp.asarray(batch["labels"][0])
+
+    def logits(m, p):
+        return m.apply({"params": p}, ids, default_positions(mask), causal_mask(mask))[0]
+
+    def grads(m):
+        return jax.jit(jax.grad(lambda p: model_loss(m, p, ids, labels, mask)[0]))(params)
+
+    whole, chunked = Chameleon(config), Chameleon(config, remat_policy="full", attention_chunk=3)
+    ref, out = jax.jit(lambda p: logits(whole, p))(params), jax.jit(lambda p: logits(chunked, p))(params)
+    finite = ref > -1e30
+    assert float(jnp.abs(out - ref)[finite].max()) <= 1e-6 * float(jnp.abs(ref)[finite].max())
+    for a, b in zip(jax.tree.leaves(grads(chunked)), jax.tree.leaves(grads(whole))):  # k/v grads: summed by block
+        assert float(jnp.abs(a - b).max()) <= 2e-6 * max(float(jnp.abs(b).max()), 1e-30)
+
+
+def test_trainer_scan_layers_trains_alike_and_checkpoints_interchange(tmp_path):
+    """scan_layers: the state holds layers [L, ...]; params() is the per-layer tree; the numbers equal the
+    per-layer trainer's; a checkpoint of either layout resumes in the other."""
+    from chameleon_jax.training import Trainer
+    from train_utils import setup, train_config
+
+    model, proc, data = setup(tmp_path)
+    kw = dict(steps=4, batch_size=2, remat="full", weight_decay=0.1, max_grad_norm=0.05)  # decay and clip act
+    per = Trainer(train_config(tmp_path / "p", data, **kw), model, proc, log=None)
+    scan = Trainer(train_config(tmp_path / "s", data, scan_layers=True, **kw), model, proc, log=None)
+    assert "layers" in scan.state["params"] and "layers_0" not in scan.state["params"]
+    for t in (per, scan):
+        t.run(max_steps=2)
+    pa = traverse_util.flatten_dict(jax.device_get(per.params()), sep="/")
+    pb = traverse_util.flatten_dict(jax.device_get(scan.params()), sep="/")
+    assert sorted(pa) == sorted(pb) and "layers_0/self_attn/q_proj/kernel" in pb
+    _close(pb, pa)
+    # the scanned run's checkpoint (step 2) resumes with scan_layers off, and the per-layer one with it on
+    resumed = Trainer(train_config(tmp_path / "s", data, **kw), model, proc, log=None)
+    assert resumed.step == 2 and "layers_0" in resumed.state["params"]
+    back = Trainer(train_config(tmp_path / "p", data, scan_layers=True, **kw), model, proc, log=None)
+    assert back.step == 2 and "layers" in back.state["params"]
+    for t in (resumed, back, per):
+        t.run(max_steps=1)
+    final = traverse_util.flatten_dict(jax.device_get(per.params()), sep="/")
+    for t in (resumed, back):
+        _close(traverse_util.flatten_dict(jax.device_get(t.params()), sep="/"), final, tol=1e-5)  # 3 Adam steps
+    for t in (per, scan, resumed, back):
+        t.close()
