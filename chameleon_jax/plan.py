@@ -82,6 +82,8 @@ class PlanResult:
     flops: float | None = None
     bytes_accessed: float | None = None  # per step (cost analysis)
     error: str | None = None  # XLA's out-of-memory message when the program does not fit (figures from it)
+    host_bytes: int = 0  # per device, in host memory (the offloaded optimizer state; not in the total)
+    memory_spaces: dict | None = None  # cost analysis' bytes accessed per memory space / operand, when given
 
     def fits(self) -> bool | None:
         if self.error:
@@ -97,6 +99,7 @@ class PlanResult:
                 ("temporaries (XLA)", g(self.temp_bytes)), ("total / device", g(self.total_bytes)),
                 ("HBM / chip", "n/a" if self.hbm_bytes is None else g(self.hbm_bytes)),
                 ("fits", {None: "n/a", True: "yes", False: "NO"}[self.fits()]),
+                ("host memory / device", g(self.host_bytes)),
                 ("compile time", f"{self.compile_s:.1f} s")]
         if self.error:
             rows.append(("XLA", self.error))
@@ -237,7 +240,7 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
         if "RESOURCE_EXHAUSTED" not in msg:
             raise
         compile_s = time.perf_counter() - t0
-        known = params_bytes + opt_bytes + cache_bytes
+        known = params_bytes + (0 if offload_optimizer else opt_bytes) + cache_bytes
         temp = _gib_in(msg, r"temporaries \(([\d.]+)G\)")
         need = _gib_in(msg, r"(?:total memory required|program requires)[^(]*\(([\d.]+)G\)")
         total = known + temp if temp else need or known
@@ -248,10 +251,12 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    spaces = {k: v for k, v in (cost or {}).items() if k.startswith("bytes accessed") and k != "bytes accessed"}
     return PlanResult(task, topology, sizes, len(devices), params_bytes, opt_bytes, cache_bytes,
                       mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                       mem.temp_size_in_bytes, total, hbm, compile_s,
-                      flops=(cost or {}).get("flops"), bytes_accessed=(cost or {}).get("bytes accessed"))
+                      flops=(cost or {}).get("flops"), bytes_accessed=(cost or {}).get("bytes accessed"),
+                      host_bytes=opt_bytes if offload_optimizer else 0, memory_spaces=spaces or None)
 
 
 def _gib_in(message: str, pattern: str) -> int:

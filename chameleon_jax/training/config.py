@@ -53,7 +53,8 @@ class TrainConfig:
     # numerics / parallelism
     compute_dtype: str = "float32"  # matmul dtype; master params stay float32
     base_dtype: str = "float32"  # LoRA only: dtype of the frozen base params
-    remat: str = "none"  # none | full | dots | dots_no_batch (model.decoder.REMAT_POLICIES)
+    remat: str = "full"  # none | full | dots | dots_no_batch (model.decoder.REMAT_POLICIES); full: the planner
+    #                      shows 7B at 4096 tokens needs it (temporaries 165 GiB per v5e chip with none, 18 with full)
     scan_layers: bool = False  # one nn.scan over the decoder layers (params stacked [L, ...] while training;
     #                            checkpoints convert either way, params() and exports are per-layer)
     optimizer_dtype: str = "float32"  # dtype of the Adam moments (bfloat16 halves the optimizer state)

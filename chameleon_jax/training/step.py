@@ -3,7 +3,6 @@ FSDP gathers, LoRA, and the train state's shardings."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, Mapping
@@ -27,84 +26,27 @@ def lr_schedule(tc: TrainConfig) -> Callable:
         tc.learning_rate * tc.end_lr_ratio)
 
 
-def _decay_mask(layer_axis: bool = True):
-    """Weight decay on matrices only; ``layer_axis``: leaves under ``layers`` carry a leading layer axis
-    (the scanned tree), which is not a matrix dim."""
-    def mask(params):
-        def decays(path, x):
-            names = [str(getattr(k, "key", k)) for k in path]
-            ndim = x.ndim - (layer_axis and names[:1] == ["layers"])
-            return ndim >= 2 and not any("norm" in n for n in names) and names[-1] != "bias"
+def _decay_mask(params):
+    """Weight decay on matrices only (leaves under the scanned tree's ``layers`` carry a leading layer
+    axis, which is not a matrix dim)."""
+    def decays(path, x):
+        names = [str(getattr(k, "key", k)) for k in path]
+        ndim = x.ndim - (names[:1] == ["layers"])
+        return ndim >= 2 and not any("norm" in n for n in names) and names[-1] != "bias"
 
-        return jax.tree_util.tree_map_with_path(decays, params)
-
-    return mask
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(tc: TrainConfig, layer_axis: bool = True) -> optax.GradientTransformation:
-    """AdamW (decoupled decay on matrices), warmup + cosine, global-norm clipping; ``layer_axis``: see
-    :func:`_decay_mask` (False for the one-layer slices of :func:`layerwise_update`)."""
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (decoupled decay on matrices), warmup + cosine, global-norm clipping, moments in
+    ``tc.optimizer_dtype``."""
     tx = optax.adamw(lr_schedule(tc), tc.adam_b1, tc.adam_b2, tc.adam_eps, weight_decay=tc.weight_decay,
-                     mask=_decay_mask(layer_axis))
+                     mask=_decay_mask)
     if tc.optimizer_dtype != "float32":
         tx = with_state_dtype(tx, jnp.dtype(tc.optimizer_dtype))
     if tc.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), tx)
     return tx
-
-
-def layerwise_update(tx, tc: TrainConfig, grads, opt_state, params, grad_norm):
-    """``tx``'s update for a scanned tree (``layers`` [L, ...]) -> (new params, new state), the stacked
-    leaves updated one layer at a time (``lax.map``), so the update's elementwise temporaries are one
-    layer's, not [L, ...]. The same numbers as ``tx.update``: the global-norm clip uses the norm of all
-    grads (``grad_norm``), and AdamW is elementwise (its decay mask sees each layer's own shapes)."""
-    inner = make_optimizer(dataclasses.replace(tc, max_grad_norm=0.0), layer_axis=False)
-    clip = tc.max_grad_norm > 0
-    inner_state = opt_state[1] if clip else opt_state
-
-    def clipped(g):
-        if not clip:
-            return g
-        trigger = jnp.squeeze(grad_norm < tc.max_grad_norm)  # optax.clip_by_global_norm's formula
-        return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / grad_norm.astype(t.dtype)) * tc.max_grad_norm), g)
-
-    def split(tree):
-        top, treedef = jax.tree.flatten(tree, is_leaf=_is_layer_dict)
-        rest = [{k: v for k, v in x.items() if k != "layers"} if _is_layer_dict(x) else x for x in top]
-        layer = [{"layers": x["layers"]} if _is_layer_dict(x) else x for x in top]
-        return (treedef, [_is_layer_dict(x) for x in top]), treedef.unflatten(rest), treedef.unflatten(layer)
-
-    def join(how, rest, layer):
-        treedef, flags = how
-        pairs = zip(treedef.flatten_up_to(rest), treedef.flatten_up_to(layer), flags)
-        return treedef.unflatten([{**r, "layers": l["layers"]} if f else r for r, l, f in pairs])
-
-    def step(g, s, p):
-        updates, s = inner.update(clipped(g), s, p)
-        return optax.apply_updates(p, updates), s
-
-    s_def, s_rest, s_layer = split(inner_state)
-    p_rest = {k: v for k, v in params.items() if k != "layers"}
-    g_rest = {k: v for k, v in grads.items() if k != "layers"}
-    new_p_rest, new_s_rest = step(g_rest, s_rest, p_rest)
-    # per-layer leaves (under a "layers" key) are mapped over; the rest (step counts) are shared
-    leaves, l_def = jax.tree_util.tree_flatten_with_path(s_layer)
-    mapped = [any(getattr(k, "key", None) == "layers" for k in path) for path, _ in leaves]
-    xs = [x for (_, x), m in zip(leaves, mapped) if m]
-    shared = [x for (_, x), m in zip(leaves, mapped) if not m]
-
-    def one(args):
-        g_i, p_i, xs_i = args
-        it_x, it_s = iter(xs_i), iter(shared)
-        s_i = l_def.unflatten([next(it_x) if m else next(it_s) for m in mapped])
-        return step({"layers": g_i}, s_i, {"layers": p_i})
-
-    new_p_layer, new_s_layer = jax.lax.map(one, (grads["layers"], params["layers"], xs))
-    out_leaves = jax.tree_util.tree_flatten_with_path(new_s_layer)[0]
-    new_s_layer = l_def.unflatten([x if m else x[0] for (_, x), m in zip(out_leaves, mapped)])
-    new_inner = join(s_def, new_s_rest, new_s_layer)
-    new_state = (opt_state[0], new_inner) if clip else new_inner
-    return {**new_p_rest, "layers": new_p_layer["layers"]}, new_state
 
 
 def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
@@ -306,11 +248,8 @@ def make_train_step(module, tx, tc: TrainConfig, shardings: dict, frozen_shardin
         opt_state = state["opt_state"]
         if offload:  # host -> device for the update, and back
             opt_state = jax.device_put(opt_state, device_opt)
-        if "layers" in params:  # scanned: the AdamW update one layer at a time (bounded temporaries)
-            new_params, opt_state = layerwise_update(tx, tc, grads, opt_state, params, grad_norm)
-        else:
-            updates, opt_state = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         if offload:
             opt_state = jax.device_put(opt_state, shardings["opt_state"])
         # No op of the model draws randomness yet (no dropout); the key still advances every step and
