@@ -119,10 +119,12 @@ def test_query_chunked_attention_equals_whole_attention(model):
     ref, out = jax.jit(lambda p: logits(whole, p))(params), jax.jit(lambda p: logits(chunked, p))(params)
     finite = ref > -1e30
     assert float(jnp.abs(out - ref)[finite].max()) <= 1e-6 * float(jnp.abs(ref)[finite].max())
-    for a, b in zip(jax.tree.leaves(grads(chunked)), jax.tree.leaves(grads(whole))):  # k/v grads: summed by block
-        assert float(jnp.abs(a - b).max()) <= 2e-6 * max(float(jnp.abs(b).max()), 1e-30)
+    # gradients: fp32 sums taken in another order (by query block), so 1e-5 of each leaf's largest entry
+    for a, b in zip(jax.tree.leaves(grads(chunked)), jax.tree.leaves(grads(whole))):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(b).max()), 1e-30)
 
 
+@pytest.mark.slow  # four Trainers, two step compiles (~40 s): the slow tier
 def test_trainer_scan_layers_trains_alike_and_checkpoints_interchange(tmp_path):
     """scan_layers: the state holds layers [L, ...]; params() is the per-layer tree; the numbers equal the
     per-layer trainer's; a checkpoint of either layout resumes in the other."""
