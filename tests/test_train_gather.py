@@ -141,7 +141,7 @@ def test_trainer_scan_layers_trains_alike_and_checkpoints_interchange(tmp_path):
     pa = traverse_util.flatten_dict(jax.device_get(per.params()), sep="/")
     pb = traverse_util.flatten_dict(jax.device_get(scan.params()), sep="/")
     assert sorted(pa) == sorted(pb) and "layers_0/self_attn/q_proj/kernel" in pb
-    _close(pb, pa)
+    _close(pb, pa, tol=1e-5)  # Adam steps: fp32 noise of other reduction orders, as in test_train.py
     # the scanned run's checkpoint (step 2) resumes with scan_layers off, and the per-layer one with it on
     resumed = Trainer(train_config(tmp_path / "s", data, **kw), model, proc, log=None)
     assert resumed.step == 2 and "layers_0" in resumed.state["params"]
