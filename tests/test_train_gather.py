@@ -62,6 +62,8 @@ def _run(model, sizes, scan=False, lora=False, steps=1, memory=False, **kw):
     for _ in range(steps):
         state, metrics = step(state, frozen, placed)
         losses.append(float(metrics["loss"]))
+    if tc.offload_optimizer:  # the moments live in host memory between steps
+        assert {x.sharding.memory_kind for x in jax.tree.leaves(state["opt_state"])} == {"pinned_host"}
     out = jax.device_get(convert_layout(state["params"], LAYERS, False))
     return traverse_util.flatten_dict(out, sep="/"), losses, temp
 
@@ -92,8 +94,9 @@ def test_per_layer_gather_step_equals_the_step_without_gathers(model):
 
 
 def test_per_layer_lora_merge_and_gather_equal_the_step_without_gathers(model):
+    """LoRA pairs merged per layer inside the scan (and the optimizer state offloaded to host memory)."""
     ref, ref_losses, _ = _run(model, (1, 1, 1), lora=True)
-    out, losses, _ = _run(model, (1, 4, 2), scan=True, lora=True)
+    out, losses, _ = _run(model, (1, 4, 2), scan=True, lora=True, offload_optimizer=True)
     _close(out, ref)
     assert np.allclose(losses, ref_losses, rtol=1e-6)
 

@@ -310,10 +310,11 @@ class Trainer:
         except Exception as e:  # Orbax raises many types; name the directory
             raise ChameleonError(
                 f"{where}: cannot restore the train state ({type(e).__name__}: {e})") from None
+        state = restored["state"]
         if saved != here:
-            restored["state"] = jax.jit(lambda s: convert_layout(s, n, here == "scanned"),
-                                        out_shardings=self.shardings, donate_argnums=0)(restored["state"])
-        self.state = restored["state"]
+            state = jax.jit(lambda s: convert_layout(s, n, here == "scanned"), out_shardings=self.shardings,
+                            donate_argnums=0)(state)
+        self.state = state
         self.loader.load_state_dict(meta["data"])
         self.step = int(meta["step"])
         self.log(f"resumed from {where} (step {self.step}, epoch {self.loader.epoch}, "
