@@ -229,6 +229,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         config = ChameleonConfig.from_json_file(os.path.join(args.model, "config.json"))
     else:
         config = load_preset(args.model)
+    if args.attention_chunk < 0:
+        raise ChameleonError(f"--attention-chunk: expected 0 (off) or an integer >= 1, got {args.attention_chunk}")
     for key in ("seq", "batch"):
         if getattr(args, key) < 1:
             raise ChameleonError(f"--{key}: expected an integer >= 1, got {getattr(args, key)}")
@@ -242,7 +244,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         res = plan(config, args.topology, parse_mesh(args.mesh), task=args.task, seq=args.seq, batch=args.batch,
                    remat=args.remat, dtype=args.dtype, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
-                   base_dtype=args.base_dtype, scan=args.scan, quantize=args.quantize)
+                   base_dtype=args.base_dtype, scan=args.scan, optimizer_dtype=args.optimizer_dtype,
+                   offload_optimizer=args.offload_optimizer, attention_chunk=args.attention_chunk,
+                   quantize=args.quantize)
     print(json.dumps(dataclasses.asdict(res)) if args.json else res.table())
     return 0
 
@@ -399,9 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lora: dtype of the frozen base params")
     pl.add_argument("--loss-chunk", type=int, default=0,
                     help="train/lora: LM head + loss over chunks of this many tokens (0: whole sequence)")
+    pl.add_argument("--attention-chunk", type=int, default=0,
+                    help="train/lora: attention over query blocks of this many tokens (0: all queries at once)")
     pl.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank (all projections)")
     pl.add_argument("--scan", action="store_true",
-                    help="train: scanned decoder layers (one nn.scan; params stacked [L, ...])")
+                    help="train/lora: scanned decoder layers (one nn.scan; params stacked [L, ...]; each layer's "
+                    "weights all-gathered inside the scan, one layer at a time)")
+    pl.add_argument("--optimizer-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="train/lora: dtype of the Adam moments (bfloat16 halves the optimizer state)")
+    pl.add_argument("--offload-optimizer", action="store_true",
+                    help="train/lora: keep the optimizer state in host memory (pinned_host) between steps")
     pl.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="generate: weight-only int8 / int4 projections and LM head (chameleon_jax/quant.py)")
     pl.add_argument("--image", action="store_true",

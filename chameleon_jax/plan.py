@@ -82,6 +82,8 @@ class PlanResult:
     flops: float | None = None
     bytes_accessed: float | None = None  # per step (cost analysis)
     error: str | None = None  # XLA's out-of-memory message when the program does not fit (figures from it)
+    host_bytes: int = 0  # per device, in host memory (the offloaded optimizer state; not in the total)
+    memory_spaces: dict | None = None  # cost analysis' bytes accessed per memory space / operand, when given
 
     def fits(self) -> bool | None:
         if self.error:
@@ -97,6 +99,7 @@ class PlanResult:
                 ("temporaries (XLA)", g(self.temp_bytes)), ("total / device", g(self.total_bytes)),
                 ("HBM / chip", "n/a" if self.hbm_bytes is None else g(self.hbm_bytes)),
                 ("fits", {None: "n/a", True: "yes", False: "NO"}[self.fits()]),
+                ("host memory / device", g(self.host_bytes)),
                 ("compile time", f"{self.compile_s:.1f} s")]
         if self.error:
             rows.append(("XLA", self.error))
@@ -135,21 +138,26 @@ def abstract_train_state(config: ChameleonConfig, mesh, tc, scan: bool = False):
     base = _tree({k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(base_dtype), sharding=flat_sh[k]) for k, v in flat.items()})
     base_sh = _tree(flat_sh)
     tx = make_optimizer(tc)
+    adapters = None
+    if tc.lora is not None:  # on the per-layer tree (adapter paths name their layer)
+        adapters = jax.eval_shape(lambda p: lora_lib.init_adapters(tc.lora, p, jax.random.key(0)), base)
     if scan:
-        from .model.decoder import stack_layers
+        from .model.scan import stack_layers
+        from .training.step import stacked_shardings
 
         n = config.num_hidden_layers
-        base = stack_layers(base, n, stack=lambda xs: jax.ShapeDtypeStruct(
-            (n,) + xs[0].shape, xs[0].dtype, sharding=NamedSharding(mesh, P(None, *xs[0].sharding.spec))))
-        base_sh = stack_layers(base_sh, n, stack=lambda xs: NamedSharding(mesh, P(None, *xs[0].spec)))
-    if tc.lora is not None:
-        adapters = jax.eval_shape(lambda p: lora_lib.init_adapters(tc.lora, p, jax.random.key(0)), base)
+        base_sh = stacked_shardings(base_sh, mesh, n)
+        stack = lambda xs: jax.ShapeDtypeStruct((n,) + xs[0].shape, xs[0].dtype)  # noqa: E731
+        base = _abstract(stack_layers(base, n, stack), base_sh)
+        if adapters is not None:
+            adapters = stack_layers(adapters, n, stack)
+    if adapters is not None:
         param_sh = jax.tree.map(lambda _: replicated, adapters)
         trainable, frozen, frozen_sh = _abstract(adapters, param_sh), base, base_sh
     else:
         trainable, param_sh, frozen, frozen_sh = base, base_sh, {}, {}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-    shardings = state_shardings(tx, abstract, param_sh, mesh)
+    shardings = state_shardings(tx, abstract, param_sh, mesh, offload=tc.offload_optimizer)
     opt = _abstract(jax.eval_shape(tx.init, abstract), shardings["opt_state"])
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), "params": trainable,
              "opt_state": opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
@@ -158,7 +166,8 @@ def abstract_train_state(config: ChameleonConfig, mesh, tc, scan: bool = False):
 
 def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, task: str = "train", seq: int = 4096,
          batch: int = 8, remat: str = "full", dtype: str = "bfloat16", loss_chunk: int = 0, lora_rank: int = 16,
-         base_dtype: str = "bfloat16", scan: bool = False, quantize: str | None = None) -> PlanResult:
+         base_dtype: str = "bfloat16", scan: bool = False, optimizer_dtype: str = "float32",
+         offload_optimizer: bool = False, attention_chunk: int = 0, quantize: str | None = None) -> PlanResult:
     """Compile ``task`` for ``topology`` on abstract params and return its per-device memory figures."""
     from .model.decoder import Chameleon
     from .sharding import make_mesh
@@ -170,8 +179,8 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
         raise ChameleonError(f"--task {task!r}: expected one of {list(TASKS)}")
     if quantize is not None and task != "generate":
         raise ChameleonError("--quantize: only with --task generate (weight-only int8/int4 is for inference)")
-    if scan and task != "train":
-        raise ChameleonError("--scan: only with --task train (LoRA and the KV cache use the per-layer tree)")
+    if scan and task == "generate":
+        raise ChameleonError("--scan: only with --task train or lora (the KV cache uses the per-layer tree)")
     devices, hbm = topology_devices(topology)
     sizes = {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
     if math.prod(sizes.values()) != len(devices):
@@ -182,10 +191,12 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
     cache_bytes = opt_bytes = 0
     if task in ("train", "lora"):
         tc = TrainConfig(demo=True, compute_dtype=dtype, remat=remat, loss_chunk=loss_chunk, batch_size=batch,
+                         attention_chunk=attention_chunk,
                          max_length=seq, base_dtype=base_dtype if task == "lora" else "float32",
+                         scan_layers=scan, optimizer_dtype=optimizer_dtype, offload_optimizer=offload_optimizer,
                          lora=LoraConfig(rank=lora_rank, targets=("all",)) if task == "lora" else None)
         state, frozen, shardings, frozen_sh, tx = abstract_train_state(cfg, m, tc, scan)
-        module = Chameleon(cfg, remat_policy=remat, scan_layers=scan)
+        module = Chameleon(cfg, remat_policy=remat, scan_layers=scan, attention_chunk=attention_chunk)
         step = make_train_step(module, tx, tc, shardings, frozen_sh, m, tc.lora)
         tok = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32, sharding=tokens_sh)
         args = (state, frozen, {"input_ids": tok, "labels": tok, "attention_mask": tok})
@@ -235,7 +246,7 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
         if "RESOURCE_EXHAUSTED" not in msg:
             raise
         compile_s = time.perf_counter() - t0
-        known = params_bytes + opt_bytes + cache_bytes
+        known = params_bytes + (0 if offload_optimizer else opt_bytes) + cache_bytes
         temp = _gib_in(msg, r"temporaries \(([\d.]+)G\)")
         need = _gib_in(msg, r"(?:total memory required|program requires)[^(]*\(([\d.]+)G\)")
         total = known + temp if temp else need or known
@@ -246,10 +257,12 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    spaces = {k: v for k, v in (cost or {}).items() if k.startswith("bytes accessed") and k != "bytes accessed"}
     return PlanResult(task, topology, sizes, len(devices), params_bytes, opt_bytes, cache_bytes,
                       mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                       mem.temp_size_in_bytes, total, hbm, compile_s,
-                      flops=(cost or {}).get("flops"), bytes_accessed=(cost or {}).get("bytes accessed"))
+                      flops=(cost or {}).get("flops"), bytes_accessed=(cost or {}).get("bytes accessed"),
+                      host_bytes=opt_bytes if offload_optimizer else 0, memory_spaces=spaces or None)
 
 
 def _gib_in(message: str, pattern: str) -> int:

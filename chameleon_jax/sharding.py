@@ -43,6 +43,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": ("tensor",),
     "norm": None,
+    "layers": None,  # the leading layer axis of scanned params (model/scan.py): every chip holds all layers' shards
     "conv_h": None,
     "conv_w": None,
     "conv_in": None,

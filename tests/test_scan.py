@@ -45,3 +45,25 @@ def test_scanned_logits_and_grads_equal_unrolled():
     g = jax.jit(jax.grad(lambda p: model_loss(scanned, p, ids, labels, mask)[0]))(stacked)
     for a, b in zip(jax.tree.leaves(unstack_layers(g)), jax.tree.leaves(g_ref)):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(b).max()), 1e-30) + 1e-12
+
+
+def test_stack_and_unstack_name_what_is_wrong():
+    import pytest
+
+    from chameleon_jax.errors import ChameleonError
+
+    layer = {"mlp": {"up_proj": {"kernel": np.zeros((2, 3), np.float32)}}}
+    tree = {"layers_0": layer, "layers_1": layer, "norm": {"scale": np.ones(2, np.float32)}}
+    assert unstack_layers(stack_layers(tree, 2))["layers_1"]["mlp"]["up_proj"]["kernel"].shape == (2, 3)
+    with pytest.raises(ChameleonError, match=r"missing \['layers_2'\]"):
+        stack_layers(tree, 3)
+    with pytest.raises(ChameleonError, match="unexpected"):
+        stack_layers(tree, 1)
+    with pytest.raises(ChameleonError, match="layers_1 holds other params"):
+        stack_layers({**tree, "layers_1": {"mlp": {}}}, 2)
+    with pytest.raises(ChameleonError, match="layers_1's param shapes"):
+        stack_layers({**tree, "layers_1": {"mlp": {"up_proj": {"kernel": np.zeros((3, 3))}}}}, 2)
+    with pytest.raises(ChameleonError, match="no 'layers' entry"):
+        unstack_layers(tree)
+    with pytest.raises(ChameleonError, match="disagree"):
+        unstack_layers({"layers": {"a": np.zeros((2, 1)), "b": np.zeros((3, 1))}})

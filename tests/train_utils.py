@@ -97,6 +97,7 @@ def setup(root, n_examples: int = 4, seed: int = 0):
 def train_config(root, data, **kw) -> TrainConfig:
     d = dict(model="unused", data=data, output_dir=os.path.join(str(root), "out"), max_length=128,
              buckets=[128], batch_size=2, grad_accum=1, steps=6, learning_rate=3e-3, warmup_steps=1,
-             mesh={"data": 1, "fsdp": 1, "tensor": 1}, checkpoint_every=100, log_every=1)
+             mesh={"data": 1, "fsdp": 1, "tensor": 1}, checkpoint_every=100, log_every=1,
+             remat="none")
     d.update(kw)
     return TrainConfig.from_dict(d)

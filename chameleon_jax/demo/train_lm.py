@@ -131,7 +131,7 @@ def train(steps: int = 3000, work: str = "runs/demo-lm", out: str | None = CHECK
             f.write(json.dumps(rec) + "\n")
     os.replace(data + ".tmp", data)
     init_dir = initial_checkpoint(os.path.join(work, "init"), config, vq_params, seed)
-    tc = TrainConfig(model=init_dir, data=data, output_dir=os.path.join(work, "run"), max_length=80,
+    tc = TrainConfig(model=init_dir, data=data, output_dir=os.path.join(work, "run"), max_length=80, remat="none",
                      buckets=(80,), batch_size=batch_size, steps=steps, seed=seed, learning_rate=learning_rate,
                      warmup_steps=min(200, steps // 10 + 1), end_lr_ratio=0.05, weight_decay=0.01,
                      train_image_tokens=True, loss_on="all", checkpoint_every=500, keep_checkpoints=1,

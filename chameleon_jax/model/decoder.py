@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -23,10 +24,12 @@ import numpy as np
 
 from ..config import ChameleonConfig
 from ..quant import QArray, matmul as quant_matmul
+from ..errors import ChameleonError
+from .attention import attend, chunked_attention
+from .scan import scanned_layers, stack_layers, unstack_layers  # noqa: F401  (re-exported)
 from .vqvae import VQVAE
 
 Array = jax.Array
-_NEG = float(np.finfo(np.float32).min)
 
 
 def _param(mod: nn.Module, name: str, shape, axes, init=nn.initializers.normal(0.02)):
@@ -175,6 +178,7 @@ class Linear(nn.Module):
 
 class Attention(nn.Module):
     config: ChameleonConfig
+    query_chunk: int = 0  # > 0: attention over query blocks of this many rows (chunked_attention)
 
     @nn.compact
     def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
@@ -204,18 +208,13 @@ class Attention(nn.Module):
 
         b, t = q.shape[:2]
         qg = q.reshape(b, t, k, h // k, dh)
-        scores = jnp.einsum(
-            "btkgh,bskh->bkgts", qg, _cast(key, dt), preferred_element_type=jnp.float32
-        ) * (dh**-0.5)
-        visible = mask[:, None, None, :, :]
-        scores = jnp.where(visible, scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1)
-        # A query that sees no key at all (a left-pad position) gets a zero output, as transformers'
-        # default (sdpa) attention gives it; softmax alone would average every key, later ones
-        # included, and leak them into the next layer and the loss. Any attention added later must
-        # keep this (tests/test_train_loss.py).
-        probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, _cast(val, dt)).reshape(b, t, h, dh)
+        key, val = _cast(key, dt), _cast(val, dt)
+        chunk = self.query_chunk
+        if chunk and t > chunk:
+            out = chunked_attention(qg, key, val, mask, chunk, dt)
+        else:
+            out = attend(qg, key, val, mask, dt)
+        out = out.reshape(b, t, h, dh)
         o_bias = 1 if c.attention_bias else 0
         y = Linear("btnh,nhd->btd", (h, dh, d), ("heads", "head_dim", "embed"), o_bias, c.dtype, name="o_proj")(out)
         return y, new_cache
@@ -240,12 +239,13 @@ class DecoderLayer(nn.Module):
     """Pre-norm layer, or with ``swin_norm`` the norm applied to each branch's output."""
 
     config: ChameleonConfig
+    query_chunk: int = 0
 
     @nn.compact
     def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
         c = self.config
         dt = jnp.dtype(c.dtype)
-        attn = Attention(c, name="self_attn")
+        attn = Attention(c, self.query_chunk, name="self_attn")
         mlp = MLP(c, name="mlp")
         norm1 = RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")
         norm2 = RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")
@@ -298,6 +298,10 @@ class Chameleon(nn.Module):
     config: ChameleonConfig
     remat_policy: str = "none"
     scan_layers: bool = False  # one nn.scan over the layers: params "layers" stacked [L, ...] (no KV cache)
+    # Applied to each decoder layer's params (one layer's tree) right before that layer runs, inside its
+    # remat region: the train step's per-layer FSDP all-gather and LoRA merge (training/step.py).
+    layer_params: Callable | None = None
+    attention_chunk: int = 0  # > 0: each layer's attention over query blocks of this many rows (training memory)
 
     def setup(self):
         c = self.config
@@ -308,19 +312,16 @@ class Chameleon(nn.Module):
             name="embed_tokens",
         )
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+            raise ChameleonError(f"remat_policy {self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
         layer_cls = DecoderLayer
+        if self.layer_params is not None:
+            layer_cls = nn.map_variables(layer_cls, "params", trans_in_fn=self.layer_params)
         if self.remat_policy != "none":
-            layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy])
-        if self.scan_layers:
-            # One traced layer instead of L: compile time stops growing with depth. The param tree holds
-            # "layers" with a leading layer axis (logical name "layers"); stack_layers / unstack_layers
-            # convert to and from the per-layer tree checkpoints use.
-            self.layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
-                                  metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
+            layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy])
+        if self.scan_layers:  # model/scan.py
+            self.layers = scanned_layers(layer_cls, c, self.attention_chunk)
         else:
-            self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+            self.layers = [layer_cls(c, self.attention_chunk, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), name="norm")
         if not c.tie_word_embeddings:
             self.lm_head = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
@@ -361,7 +362,7 @@ class Chameleon(nn.Module):
         new_cache = {} if cache is not None else None
         if self.scan_layers:
             if cache is not None:
-                raise ValueError("scan_layers: the KV cache needs the per-layer tree (unstack_layers)")
+                raise ChameleonError("scan_layers: the KV cache needs the per-layer tree (unstack_layers)")
             x, _ = self.layers(x, positions, mask, inv_freq)
             out = self.norm(x)
             return out, None
@@ -421,32 +422,6 @@ class Chameleon(nn.Module):
                 # The decoder's params do not depend on the latent grid: a 1x1 grid creates them cheaply.
                 self.vqmodel.decode_latents(jnp.zeros((1, 1, 1, vq.embed_dim), jnp.float32))
         return self(input_ids, positions, mask)
-
-
-def stack_layers(params, num_layers: int, stack=None) -> dict:
-    """Per-layer tree (``layers_0`` .. ``layers_{L-1}``) -> the scanned tree (``layers``: each leaf
-    stacked on a new leading axis). ``stack`` maps a list of L leaves to one (default ``jnp.stack``)."""
-    stack = stack or (lambda xs: jnp.stack(xs))
-    names = [f"layers_{i}" for i in range(num_layers)]
-    missing = [n for n in names if n not in params]
-    if missing or "layers" in params:
-        raise ValueError(f"stack_layers: expected layers_0..layers_{num_layers - 1} and no 'layers'; "
-                         f"missing {missing[:3]}")
-    out = {k: v for k, v in params.items() if k not in names}
-    out["layers"] = jax.tree.map(lambda *xs: stack(list(xs)), *[params[n] for n in names])
-    return out
-
-
-def unstack_layers(params) -> dict:
-    """The scanned tree (``layers`` [L, ...]) -> the per-layer tree checkpoints hold (``layers_i``)."""
-    if "layers" not in params:
-        raise ValueError("unstack_layers: no 'layers' entry (already per-layer?)")
-    stacked = params["layers"]
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
-    return out
 
 
 def init_params(config: ChameleonConfig, rng: Array, abstract: bool = False, vq_decoder: bool = True):

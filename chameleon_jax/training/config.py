@@ -53,13 +53,19 @@ class TrainConfig:
     # numerics / parallelism
     compute_dtype: str = "float32"  # matmul dtype; master params stay float32
     base_dtype: str = "float32"  # LoRA only: dtype of the frozen base params
-    remat: str = "none"  # none | full | dots | dots_no_batch (model.decoder.REMAT_POLICIES)
+    remat: str = "full"  # none | full | dots | dots_no_batch (model.decoder.REMAT_POLICIES); full: the planner
+    #                      shows 7B at 4096 tokens needs it (temporaries 165 GiB per v5e chip with none, 18 with full)
+    scan_layers: bool = False  # one nn.scan over the decoder layers (params stacked [L, ...] while training;
+    #                            checkpoints convert either way, params() and exports are per-layer)
+    optimizer_dtype: str = "float32"  # dtype of the Adam moments (bfloat16 halves the optimizer state)
+    offload_optimizer: bool = False  # keep the optimizer state in host memory (pinned_host) between steps
     mesh: Mapping[str, int] = field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     # loss
     loss_on: str = "auto"  # all | text | image | auto (text, or all with train_image_tokens)
     train_image_tokens: bool = False
     z_loss: float = 0.0
     loss_chunk: int = 0  # > 0: LM head + loss over sequence chunks of this many tokens (no [B, T, V] logits)
+    attention_chunk: int = 0  # > 0: attention over query blocks of this many tokens (no [B, H, T, T] scores)
     # LoRA (None: full fine-tuning)
     lora: lora_lib.LoraConfig | None = None
     # checkpoints / logs
@@ -80,11 +86,12 @@ class TrainConfig:
                     "log_every"):
             if getattr(self, key) < 1:
                 bad(key, f"expected an integer >= 1, got {getattr(self, key)!r}")
-        if self.loss_chunk < 0:
-            bad("loss_chunk", f"expected 0 (off) or an integer >= 1, got {self.loss_chunk!r}")
+        for key in ("loss_chunk", "attention_chunk"):
+            if getattr(self, key) < 0:
+                bad(key, f"expected 0 (off) or an integer >= 1, got {getattr(self, key)!r}")
         if self.remat not in REMAT_POLICIES:
             bad("remat", f"expected one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
-        for key in ("compute_dtype", "base_dtype"):
+        for key in ("compute_dtype", "base_dtype", "optimizer_dtype"):
             if getattr(self, key) not in ("float32", "bfloat16"):
                 bad(key, f"expected 'float32' or 'bfloat16', got {getattr(self, key)!r}")
         if self.loss_on not in LOSS_ON + ("auto",):

@@ -20,7 +20,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -32,11 +31,11 @@ from ..model import Chameleon
 from ..sharding import to_host
 from . import lora as lora_lib
 from .config import TrainConfig
-from .step import _tree, build_mesh, make_optimizer, make_train_step, state_shardings
+from .step import _tree, build_mesh, convert_layout, init_train_state, layout_of, make_train_step
 
 # ------------------------------------------------------------------ trainer
 # TrainConfig fields the jitted step depends on (the rest: paths, data, logging, checkpoints).
-_STEP_KEYS = frozenset({"compute_dtype", "base_dtype", "remat", "loss_on", "train_image_tokens", "z_loss", "loss_chunk",
+_STEP_KEYS = frozenset({"compute_dtype", "base_dtype", "remat", "scan_layers", "optimizer_dtype", "loss_on", "train_image_tokens", "z_loss", "loss_chunk", "attention_chunk",
                         "lora", "learning_rate", "warmup_steps", "end_lr_ratio", "steps", "weight_decay",
                         "adam_b1", "adam_b2", "adam_eps", "max_grad_norm"})
 _STEP_CACHE: dict = {}
@@ -107,7 +106,6 @@ class Trainer:
         paths["tokenizer"] = paths["tokenizer"] or paths["model"]
         self.paths = paths
         self.mesh = mesh = build_mesh(tc.mesh)
-        replicated = NamedSharding(mesh, P())
 
         # ---- model and params
         if model is None:
@@ -117,7 +115,8 @@ class Trainer:
                 raise ChameleonError("train config: model is required")
             model = load(paths["model"], dtype=tc.base_dtype if tc.lora else "float32", mesh=mesh)
         self.config = config = model.config.replace(dtype=tc.compute_dtype)
-        self.module = Chameleon(config, remat_policy=tc.remat)
+        self.module = Chameleon(config, remat_policy=tc.remat, scan_layers=tc.scan_layers,
+                                attention_chunk=tc.attention_chunk)
         flat_sh = param_shardings(config, mesh)
         flat = traverse_util.flatten_dict(dict(model.params), sep="/")
         base_dtype = tc.base_dtype if tc.lora else "float32"
@@ -129,24 +128,10 @@ class Trainer:
         vq = _tree({k[len("vqmodel/"):]: to_host(v) for k, v in flat.items()
                     if k.startswith("vqmodel/")})
         self.lora = tc.lora
-        if tc.lora is not None:
-            self.frozen, frozen_sh = base, base_sh
-            adapters = lora_lib.init_adapters(tc.lora, base, jax.random.key(tc.lora.seed))
-            param_sh = jax.tree.map(lambda _: replicated, adapters)
-            trainable = jax.device_put(adapters, param_sh)
-        else:
-            self.frozen, frozen_sh = {}, {}
-            trainable, param_sh = base, base_sh
-        self.tx = make_optimizer(tc)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-        self.shardings = state_shardings(self.tx, abstract, param_sh, mesh)
-        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(trainable)
-        self.state = {
-            "step": jax.device_put(jnp.int32(0), replicated),
-            "params": trainable,
-            "opt_state": opt_state,
-            "rng": jax.device_put(jax.random.key_data(jax.random.key(tc.seed)), replicated),
-        }
+        # tc.scan_layers: the state holds the scanned layout (layers [L, ...]); params(), exports and
+        # restoring a checkpoint of the other layout convert (step.convert_layout).
+        self.state, self.frozen, self.shardings, frozen_sh, self.tx = init_train_state(
+            tc, base, base_sh, mesh, config.num_hidden_layers)
         # Trainers with the same model config, mesh and step-relevant settings share one jitted step (and
         # its compiled programs), e.g. a resumed run in the same process or a notebook re-creating one.
         relevant = {k: v for k, v in tc.to_dict().items() if k in _STEP_KEYS}
@@ -348,7 +333,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict:
         return {"step": self.step, "data": self.loader.state_dict(), "train_config": self.tc.to_dict(),
-                "lora": None if self.lora is None else self.lora.to_dict()}
+                "lora": None if self.lora is None else self.lora.to_dict(), "layout": layout_of(self.state)}
 
     def save(self) -> None:
         import orbax.checkpoint as ocp
@@ -370,15 +355,27 @@ class Trainer:
         if saved_lora != lora:
             raise ChameleonError(f"{where}: checkpoint has lora={saved_lora}, the config has {lora}; "
                                  "use another output_dir")
+        # A checkpoint of the other layout (scan_layers on / off) is read as it was saved, then converted.
+        n = self.config.num_hidden_layers
+        saved = meta.get("layout", "per-layer")
+        here = layout_of(self.state)
+        shardings = self.shardings
+        if saved != here:
+            shardings = convert_layout(self.shardings, n, saved == "scanned", self.mesh)
+        state_like = jax.eval_shape(lambda s: convert_layout(s, n, saved == "scanned"), self.state)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                self.state, self.shardings)
+                                state_like, shardings)
         try:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             restored = self.manager.restore(step, args=args)
         except Exception as e:  # Orbax raises many types; name the directory
             raise ChameleonError(
                 f"{where}: cannot restore the train state ({type(e).__name__}: {e})") from None
-        self.state = restored["state"]
+        state = restored["state"]
+        if saved != here:
+            state = jax.jit(lambda s: convert_layout(s, n, here == "scanned"), out_shardings=self.shardings,
+                            donate_argnums=0)(state)
+        self.state = state
         self.loader.load_state_dict(meta["data"])
         self.step = int(meta["step"])
         self.log(f"resumed from {where} (step {self.step}, epoch {self.loader.epoch}, "
@@ -393,13 +390,19 @@ class Trainer:
     def params(self, merged: bool = True) -> dict:
         """Full inference params (VQ-VAE included); LoRA adapters merged unless ``merged=False``
         (then the base params alone)."""
-        p = self.state["params"]
+        p, frozen = self._per_layer(self.state["params"]), self._per_layer(self.frozen)
         if self.lora is not None:
-            p = lora_lib.merge(self.frozen, p, self.lora) if merged else self.frozen
+            p = lora_lib.merge(frozen, p, self.lora) if merged else frozen
         out = dict(p)
         if self._vq is not None:
             out["vqmodel"] = self._vq
         return out
+
+    def _per_layer(self, tree):
+        """``tree`` in the per-layer layout checkpoints and exports use (a copy when scanned)."""
+        if not tree or layout_of(tree) == "per-layer":
+            return tree
+        return jax.jit(lambda t: convert_layout(t, self.config.num_hidden_layers, False))(tree)
 
     def model(self, merged: bool = True):
         """A :class:`chameleon_jax.ChameleonModel` of the current params (float32 compute)."""
@@ -423,7 +426,7 @@ class Trainer:
             save_hf(params, self.config.replace(dtype="float32"), directory, overwrite=True,
                     extra_files=extra)
             if self.lora is not None:
-                lora_lib.save_adapters(directory.rstrip("/") + "-adapters", self.state["params"], self.lora,
+                lora_lib.save_adapters(directory.rstrip("/") + "-adapters", self._per_layer(self.state["params"]), self.lora,
                                        overwrite=True)
         self.log(f"exported {directory}")
         return directory
