@@ -388,7 +388,8 @@ class ChameleonModel:
 
 
 def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, quantize: str | None = None,
-         local_files_only: bool | None = None, revision: str | None = None) -> ChameleonModel:
+         attention_impl: str = "einsum", local_files_only: bool | None = None,
+         revision: str | None = None) -> ChameleonModel:
     """Load a Chameleon checkpoint directory.
 
     ``path``: an HF directory (config.json + model.safetensors or a sharded index), a
@@ -403,15 +404,20 @@ def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, q
     integers (:mod:`chameleon_jax.quant`; ``dtype`` stays the compute dtype): each tensor of an HF
     checkpoint is quantized as it is read, so the float model never exists whole on the device.
     For inference (logits, generate); training needs float params.
+    ``attention_impl``: "einsum" (ours), "xla" / "cudnn" (``jax.nn.dot_product_attention``), or a name
+    registered with :func:`chameleon_jax.model.attention.register_attention` (e.g. a Pallas kernel).
     """
     from . import quant
     from .hub import resolve
 
+    from .model.attention import attention_fn
+
     mode = quant.check_mode(quantize)
+    attention_fn(attention_impl)  # an unknown name fails here, before any weight is read
     path = resolve(path, local_files_only=local_files_only, revision=revision)
     if not os.path.isdir(path):
         raise ChameleonError(f"{path}: no such directory (expected an HF or converted Chameleon checkpoint directory)")
-    config = ChameleonConfig.from_json_file(os.path.join(path, "config.json"))
+    config = ChameleonConfig.from_json_file(os.path.join(path, "config.json")).replace(attention_impl=attention_impl)
     if dtype is not None:
         if str(dtype) not in _DTYPE_NAMES:
             raise ChameleonError(f"dtype: {dtype!r} is not supported; expected one of {sorted(set(_DTYPE_NAMES))}")

@@ -25,7 +25,7 @@ import numpy as np
 from ..config import ChameleonConfig
 from ..quant import QArray, matmul as quant_matmul
 from ..errors import ChameleonError
-from .attention import attend, chunked_attention
+from .attention import attention_fn, chunked_attention
 from .scan import scanned_layers, stack_layers, unstack_layers  # noqa: F401  (re-exported)
 from .vqvae import VQVAE
 
@@ -211,9 +211,9 @@ class Attention(nn.Module):
         key, val = _cast(key, dt), _cast(val, dt)
         chunk = self.query_chunk
         if chunk and t > chunk:
-            out = chunked_attention(qg, key, val, mask, chunk, dt)
+            out = chunked_attention(qg, key, val, mask, chunk, dt, attention_fn(c.attention_impl))
         else:
-            out = attend(qg, key, val, mask, dt)
+            out = attention_fn(c.attention_impl)(qg, key, val, mask, dt)
         out = out.reshape(b, t, h, dh)
         o_bias = 1 if c.attention_bias else 0
         y = Linear("btnh,nhd->btd", (h, dh, d), ("heads", "head_dim", "embed"), o_bias, c.dtype, name="o_proj")(out)
