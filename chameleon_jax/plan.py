@@ -164,6 +164,17 @@ def abstract_train_state(config: ChameleonConfig, mesh, tc, scan: bool = False):
     return state, frozen, shardings, frozen_sh, tx
 
 
+def _topology_mesh(topology: str, mesh: Mapping[str, int]):
+    """(HBM bytes per chip or None, {data, fsdp, tensor} sizes, the Mesh over the topology's devices)."""
+    from .sharding import make_mesh
+
+    devices, hbm = topology_devices(topology)
+    sizes = {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
+    if math.prod(sizes.values()) != len(devices):
+        raise ChameleonError(f"--mesh {sizes}: data*fsdp*tensor must equal the topology's {len(devices)} devices")
+    return hbm, sizes, make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
+
+
 def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, task: str = "train", seq: int = 4096,
          batch: int = 8, remat: str = "full", dtype: str = "bfloat16", loss_chunk: int = 0, lora_rank: int = 16,
          base_dtype: str = "bfloat16", scan: bool = False, optimizer_dtype: str = "float32",
@@ -181,11 +192,7 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
         raise ChameleonError("--quantize: only with --task generate (weight-only int8/int4 is for inference)")
     if scan and task == "generate":
         raise ChameleonError("--scan: only with --task train or lora (the KV cache uses the per-layer tree)")
-    devices, hbm = topology_devices(topology)
-    sizes = {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
-    if math.prod(sizes.values()) != len(devices):
-        raise ChameleonError(f"--mesh {sizes}: data*fsdp*tensor must equal the topology's {len(devices)} devices")
-    m = make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
+    hbm, sizes, m = _topology_mesh(topology, mesh)
     cfg = config.replace(dtype=dtype)
     tokens_sh = NamedSharding(m, P(None, ("data", "fsdp"), None))
     cache_bytes = opt_bytes = 0
@@ -250,7 +257,7 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
         temp = _gib_in(msg, r"temporaries \(([\d.]+)G\)")
         need = _gib_in(msg, r"(?:total memory required|program requires)[^(]*\(([\d.]+)G\)")
         total = known + temp if temp else need or known
-        return PlanResult(task, topology, sizes, len(devices), params_bytes, opt_bytes, cache_bytes, known, 0, 0,
+        return PlanResult(task, topology, sizes, m.devices.size, params_bytes, opt_bytes, cache_bytes, known, 0, 0,
                           temp, total, hbm, compile_s, error=msg.splitlines()[0][:300])
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -258,7 +265,7 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     spaces = {k: v for k, v in (cost or {}).items() if k.startswith("bytes accessed") and k != "bytes accessed"}
-    return PlanResult(task, topology, sizes, len(devices), params_bytes, opt_bytes, cache_bytes,
+    return PlanResult(task, topology, sizes, m.devices.size, params_bytes, opt_bytes, cache_bytes,
                       mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                       mem.temp_size_in_bytes, total, hbm, compile_s,
                       flops=(cost or {}).get("flops"), bytes_accessed=(cost or {}).get("bytes accessed"),
@@ -297,11 +304,7 @@ def plan_image_generation(config: ChameleonConfig, topology: str, mesh: Mapping[
     from .generation.image import ImageSettings
     from .sharding import make_mesh
 
-    devices, hbm = topology_devices(topology)
-    sizes = {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
-    if math.prod(sizes.values()) != len(devices):
-        raise ChameleonError(f"--mesh {sizes}: data*fsdp*tensor must equal the topology's {len(devices)} devices")
-    m = make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
+    hbm, sizes, m = _topology_mesh(topology, mesh)
     cfg = config.replace(dtype=dtype)
     if cfg.vq_config is not None and not len(cfg.image_vocab.image_token_ids):
         # a preset carries no vocabulary map (the tokenizer does): Chameleon's layout, image codes at ids 4..
@@ -320,7 +323,7 @@ def plan_image_generation(config: ChameleonConfig, topology: str, mesh: Mapping[
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         known = per_device_bytes(params)
-        return PlanResult("generate (image)", topology, sizes, len(devices), known, 0, 0, known, 0, 0, 0, known, hbm,
+        return PlanResult("generate (image)", topology, sizes, m.devices.size, known, 0, 0, known, 0, 0, 0, known, hbm,
                           time.perf_counter() - t0, error=str(e).splitlines()[0][:300])
     compile_s = time.perf_counter() - t0
     # XLA's argument figures leave out params a program never reads (the VQ-VAE, the LM head once its
@@ -333,7 +336,7 @@ def plan_image_generation(config: ChameleonConfig, topology: str, mesh: Mapping[
     mem = (pre, dec)[int(extra[1] >= extra[0])]
     cost = out["decode"].cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
-    return PlanResult("generate (image)", topology, sizes, len(devices), params_bytes, 0,
+    return PlanResult("generate (image)", topology, sizes, m.devices.size, params_bytes, 0,
                       per_device_bytes(state["cache"]), held, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                       mem.temp_size_in_bytes, held + max(extra), hbm, compile_s, flops=cost.get("flops"),
                       bytes_accessed=cost.get("bytes accessed"))
