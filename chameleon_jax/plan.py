@@ -181,7 +181,6 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
          offload_optimizer: bool = False, attention_chunk: int = 0, quantize: str | None = None) -> PlanResult:
     """Compile ``task`` for ``topology`` on abstract params and return its per-device memory figures."""
     from .model.decoder import Chameleon
-    from .sharding import make_mesh
     from .training.config import TrainConfig
     from .training.lora import LoraConfig
     from .training.step import make_train_step
@@ -212,7 +211,7 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
         fn = step
     else:
         from .checkpoint.hf import expected_params
-        from .model.decoder import causal_mask, init_cache
+        from .model.decoder import init_cache
         from .sharding import param_shardings
         from .training.step import _tree
 
@@ -302,7 +301,6 @@ def plan_image_generation(config: ChameleonConfig, topology: str, mesh: Mapping[
     cost analysis counts for one trip of the loop body, i.e. per generated token."""
     from .generation.aot import abstract_params, compile_generate
     from .generation.image import ImageSettings
-    from .sharding import make_mesh
 
     hbm, sizes, m = _topology_mesh(topology, mesh)
     cfg = config.replace(dtype=dtype)
