@@ -221,8 +221,8 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
 
         params = _tree(abstract_quantized({k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype), sharding=flat_sh[k])
                                            for k, v in flat.items()}, quantize))
-        cache_spec = P(("data", "fsdp") if batch % (sizes["data"] * sizes["fsdp"]) == 0 else None, None,
-                       "tensor" if cfg.num_key_value_heads % sizes["tensor"] == 0 else None, None)
+        cache_spec = P(("data", "fsdp") if batch % (sizes["data"] * sizes["fsdp"]) == 0 else None,
+                       "tensor" if cfg.num_key_value_heads % sizes["tensor"] == 0 else None, None, None)
         cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(m, cache_spec)),
                              jax.eval_shape(lambda: init_cache(cfg, batch, seq, dtype)))
         module = Chameleon(cfg)

@@ -70,12 +70,12 @@ def _run(model, sizes, scan=False, lora=False, steps=1, memory=False, remat="ful
 
 def _close(out, ref, start=None, tol=1e-6):
     """Params within ``tol`` of the reference (relative to each leaf's largest entry); with ``start``, the
-    changes are checked to be real (the gradients, ~1e-2 here, far above the tolerance)."""
+    changes are checked to be real (the gradients, ~1e-2 here, > 1e-3 of the leaf, far above the tolerance)."""
     for path in ref:
         a, b = np.asarray(out[path]), np.asarray(ref[path])
         assert np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1e-30), path
         if start is not None:
-            assert np.abs(b - start[path]).max() > 1e3 * tol * np.abs(b).max(), path
+            assert np.abs(b - start[path]).max() > 1e-3 * np.abs(b).max(), path
 
 
 def test_per_layer_gather_step_equals_the_step_without_gathers(model):
@@ -85,7 +85,9 @@ def test_per_layer_gather_step_equals_the_step_without_gathers(model):
     ref, ref_losses, _ = _run(model, (1, 1, 1))
     # (the unrolled layers' per-layer gather: test_train.py::test_sharded_step_matches_single_device)
     scanned, losses, temp = _run(model, (1, 4, 2), scan=True, memory=True)
-    _close(scanned, ref, flat)
+    # The sharded sums run in another order: 1.0-1.2e-6 of a leaf's largest entry measured (the unrolled
+    # sharded step too, with the 5-D and the 4-D attention alike), so 1e-6 sat on the noise floor.
+    _close(scanned, ref, flat, tol=1e-5)
     assert np.allclose(losses, ref_losses, rtol=1e-6)
     # One layer's weights are gathered at a time: the temporaries stay below what all layers' gathered
     # fp32 weights alone would take (per device: the layers split over tensor=2 only).

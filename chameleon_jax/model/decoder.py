@@ -4,7 +4,8 @@ Shapes in docstrings: B batch, T query length, S key length (cache slots), D hid
 K kv heads, G = H // K, Dh head dim, M mlp width, V vocab.
 
 KV-cache contract (shared by the full forward, prefill and one-token decode):
-  cache = {"layers_i": {"k": [B, S, K, Dh], "v": [B, S, K, Dh]}, ...}
+  cache = {"layers_i": {"k": [B, K, S, Dh], "v": [B, K, S, Dh]}, ...} (heads-major: the decode
+  step's attention reads it as stored, no per-step transpose)
   ``cache_index`` (int32 scalar) is the slot where this call's T tokens are written, the same
   for every row (prompts are left-padded so all rows advance together). The caller passes the
   boolean ``mask [B, T, S]`` saying which slots each query may attend to; see
@@ -199,22 +200,21 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         key = apply_rope(key, positions, inv_freq)
 
+        key, val = key.swapaxes(1, 2), val.swapaxes(1, 2)  # heads-major [B, K, T, Dh], the cache's layout
         new_cache = None
         if cache is not None:
-            at = (0, cache_index, 0, 0)
+            at = (0, 0, cache_index, 0)
             key = jax.lax.dynamic_update_slice(cache["k"], _cast(key, cache["k"].dtype), at)
             val = jax.lax.dynamic_update_slice(cache["v"], _cast(val, cache["v"].dtype), at)
             new_cache = {"k": key, "v": val}
 
-        b, t = q.shape[:2]
-        qg = q.reshape(b, t, k, h // k, dh)
+        t = q.shape[1]
         key, val = _cast(key, dt), _cast(val, dt)
         chunk = self.query_chunk
         if chunk and t > chunk:
-            out = chunked_attention(qg, key, val, mask, chunk, dt, attention_fn(c.attention_impl))
+            out = chunked_attention(q, key, val, mask, chunk, dt, attention_fn(c.attention_impl))
         else:
-            out = attention_fn(c.attention_impl)(qg, key, val, mask, dt)
-        out = out.reshape(b, t, h, dh)
+            out = attention_fn(c.attention_impl)(q, key, val, mask, dt)
         o_bias = 1 if c.attention_bias else 0
         y = Linear("btnh,nhd->btd", (h, dh, d), ("heads", "head_dim", "embed"), o_bias, c.dtype, name="o_proj")(out)
         return y, new_cache
@@ -457,9 +457,9 @@ def _init_fn(config: ChameleonConfig, vq_decoder: bool):
 
 
 def init_cache(config: ChameleonConfig, batch: int, length: int, dtype=None) -> dict:
-    """Zeroed KV cache of ``length`` slots: {"layers_i": {"k", "v": [B, S, K, Dh]}}."""
+    """Zeroed KV cache of ``length`` slots: {"layers_i": {"k", "v": [B, K, S, Dh]}} (heads-major)."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    shape = (batch, config.num_key_value_heads, length, config.head_dim)
     return {
         f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
         for i in range(config.num_hidden_layers)
