@@ -240,7 +240,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if args.quantize:
             raise ChameleonError("--quantize: not with --image yet (the image loop plans float weights)")
         res = plan_image_generation(config, args.topology, parse_mesh(args.mesh), prompt=args.seq, batch=args.batch,
-                                    dtype=args.dtype)
+                                    dtype=args.dtype, scan=args.scan)
     else:
         res = plan(config, args.topology, parse_mesh(args.mesh), task=args.task, seq=args.seq, batch=args.batch,
                    remat=args.remat, dtype=args.dtype, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
@@ -407,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train/lora: attention over query blocks of this many tokens (0: all queries at once)")
     pl.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank (all projections)")
     pl.add_argument("--scan", action="store_true",
-                    help="train/lora: scanned decoder layers (one nn.scan; params stacked [L, ...]; each layer's "
-                    "weights all-gathered inside the scan, one layer at a time)")
+                    help="scanned decoder layers (one nn.scan; params stacked [L, ...]; train/lora: each layer's "
+                    "weights all-gathered inside the scan, one layer at a time; generate: the KV cache stacked too, "
+                    "as load(..., scan_layers=True) runs it)")
     pl.add_argument("--optimizer-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="train/lora: dtype of the Adam moments (bfloat16 halves the optimizer state)")
     pl.add_argument("--offload-optimizer", action="store_true",

@@ -189,8 +189,6 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
         raise ChameleonError(f"--task {task!r}: expected one of {list(TASKS)}")
     if quantize is not None and task != "generate":
         raise ChameleonError("--quantize: only with --task generate (weight-only int8/int4 is for inference)")
-    if scan and task == "generate":
-        raise ChameleonError("--scan: only with --task train or lora (the KV cache uses the per-layer tree)")
     hbm, sizes, m = _topology_mesh(topology, mesh)
     cfg = config.replace(dtype=dtype)
     tokens_sh = NamedSharding(m, P(None, ("data", "fsdp"), None))
@@ -221,11 +219,16 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
 
         params = _tree(abstract_quantized({k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype), sharding=flat_sh[k])
                                            for k, v in flat.items()}, quantize))
+        if scan:  # load(..., scan_layers=True): the layers stacked, the KV cache too
+            from .generation.aot import stack_abstract
+
+            params = stack_abstract(params, cfg.num_hidden_layers)
         cache_spec = P(("data", "fsdp") if batch % (sizes["data"] * sizes["fsdp"]) == 0 else None,
                        "tensor" if cfg.num_key_value_heads % sizes["tensor"] == 0 else None, None, None)
-        cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(m, cache_spec)),
-                             jax.eval_shape(lambda: init_cache(cfg, batch, seq, dtype)))
-        module = Chameleon(cfg)
+        cache_sh = NamedSharding(m, P(None, *cache_spec) if scan else cache_spec)
+        cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache_sh),
+                             jax.eval_shape(lambda: init_cache(cfg, batch, seq, dtype, stacked=scan)))
+        module = Chameleon(cfg, scan_layers=scan)
         rows = NamedSharding(m, P(cache_spec[0], None))
 
         def decode_step(params, cache, token, index):
@@ -290,7 +293,7 @@ def parse_mesh(text: str) -> dict:
 
 def plan_image_generation(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, prompt: int = 64,
                           batch: int = 8, dtype: str = "bfloat16", guidance: tuple[float, float] = (3.0, 1.2),
-                          images: int = 0) -> PlanResult:
+                          images: int = 0, scan: bool = False) -> PlanResult:
     """``--task generate --image``: compile image mode's whole loop (head blocks, prefill, the decode
     ``while_loop`` over ``image_seq_length`` steps) on abstract params for ``batch`` prompts of ``prompt``
     tokens (with ``images`` input images) and report it like :func:`plan`. Guidance other than (1, 1)
@@ -312,7 +315,7 @@ def plan_image_generation(config: ChameleonConfig, topology: str, mesh: Mapping[
         vm = {image_code_name(c): 4 + c for c in range(n)} | {BOI_TOKEN: 4 + n, EOI_TOKEN: 5 + n}
         cfg = cfg.replace(vocabulary_map=vm)
     settings, loop = ImageSettings(*guidance).validate(cfg, prompt)
-    params = abstract_params(cfg, m, dtype)
+    params = abstract_params(cfg, m, dtype, scan_layers=scan)
     t0 = time.perf_counter()
     try:
         out = compile_generate(cfg, params, m, batch=batch, prompt_length=prompt, settings=loop, modality="image",

@@ -56,10 +56,19 @@ def test_bad_plan_arguments():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu not installed (pip install 'chameleon-jax[tpu-aot]'): TPU compile not checked")
-@pytest.mark.parametrize("task", ["train", "generate"])
-def test_compiles_for_tpu_v5e_2x4(task):
-    res = plan(_config(), "v5e:2x4", {"fsdp": 4, "tensor": 2}, task=task, seq=32, batch=4)
+@pytest.mark.parametrize("task,scan", [("train", False), ("generate", False), ("generate", True)])
+def test_compiles_for_tpu_v5e_2x4(task, scan):
+    res = plan(_config(), "v5e:2x4", {"fsdp": 4, "tensor": 2}, task=task, seq=32, batch=4, scan=scan)
     assert res.devices == 8 and res.total_bytes > 0 and res.fits()
+
+
+def test_scanned_decode_step_holds_the_same_bytes():
+    """generate --scan: params and KV cache stacked, the same bytes per device as the per-layer tree, and
+    the decode step reads about what the unrolled one reads (the stacked cache is written in place)."""
+    per, scan = (plan(_config(), "cpu:1", {}, task="generate", seq=64, batch=2, dtype="float32", scan=s)
+                 for s in (False, True))
+    assert (scan.params_bytes, scan.cache_bytes) == (per.params_bytes, per.cache_bytes) and scan.cache_bytes > 0
+    assert scan.bytes_accessed <= 1.5 * per.bytes_accessed, (scan.bytes_accessed, per.bytes_accessed)
 
 
 def test_plan_cli_names_the_flag(capsys):

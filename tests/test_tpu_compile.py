@@ -64,6 +64,25 @@ def test_text_generate_compiles_for_tpu(tpu):
 
 
 @needs_libtpu
+def test_scanned_text_generate_compiles_for_tpu():
+    """load(..., scan_layers=True)'s programs: stacked params and KV cache [L, B, K, S, Dh], the cache's
+    batch and kv-head axes sharded as the per-layer cache's are."""
+    from chameleon_jax.plan import topology_devices
+
+    devices, _ = topology_devices("v5e:2x4")
+    mesh = make_mesh(1, 4, 2, devices=devices)
+    config = _config()
+    params = abstract_params(config, mesh, "bfloat16", scan_layers=True)
+    assert params["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == config.num_hidden_layers
+    out = compile_generate(config, params, mesh, batch=4, prompt_length=24, settings=TEXT)
+    _check(out, mesh)
+    k = out["abstract"]["state"]["cache"]["layers"]["k"]
+    assert k.shape[:3] == (config.num_hidden_layers, 4, config.num_key_value_heads)
+    per_device = k.sharding.shard_shape(k.shape)
+    assert per_device[0] == config.num_hidden_layers and per_device[1] * per_device[2] < 4 * config.num_key_value_heads
+
+
+@needs_libtpu
 def test_image_generate_with_guidance_compiles_for_tpu(tpu):
     """Image mode with images in the prompt: the VQ-VAE encoder in the prefill, the image stream of CFG."""
     config, mesh, params = tpu

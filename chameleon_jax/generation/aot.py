@@ -22,10 +22,11 @@ from .processors import GenerationSettings
 from .sampler import Generator
 
 
-def abstract_params(config: ChameleonConfig, mesh, dtype: str | None = None) -> dict:
+def abstract_params(config: ChameleonConfig, mesh, dtype: str | None = None, scan_layers: bool = False) -> dict:
     """The param tree as ShapeDtypeStructs sharded over ``mesh`` as :func:`chameleon_jax.load` places
     them (VQ-VAE encoder included when the config has one; no VQ-GAN decoder); ``dtype``: every
-    param's (default: as initialized, float32)."""
+    param's (default: as initialized, float32); ``scan_layers``: the stacked tree ``load(...,
+    scan_layers=True)`` holds (each layer leaf [L, ...], the layer axis replicated)."""
     from ..checkpoint.hf import expected_params
     from ..sharding import param_shardings
     from ..training.step import _tree
@@ -33,7 +34,20 @@ def abstract_params(config: ChameleonConfig, mesh, dtype: str | None = None) -> 
     flat = expected_params(config, vq_decoder=False)
     sh = param_shardings(config, mesh, {k: v.shape for k, v in flat.items()})
     dt = None if dtype is None else np.dtype(dtype)
-    return _tree({k: jax.ShapeDtypeStruct(v.shape, dt or v.dtype, sharding=sh[k]) for k, v in flat.items()})
+    tree = _tree({k: jax.ShapeDtypeStruct(v.shape, dt or v.dtype, sharding=sh[k]) for k, v in flat.items()})
+    return stack_abstract(tree, config.num_hidden_layers) if scan_layers else tree
+
+
+def stack_abstract(tree, num_layers: int):
+    """An abstract per-layer tree (ShapeDtypeStructs with NamedShardings) -> the stacked one."""
+    from ..model.scan import stack_layers
+
+    def stack(xs):
+        s = xs[0].sharding
+        return jax.ShapeDtypeStruct((num_layers,) + xs[0].shape, xs[0].dtype,
+                                    sharding=NamedSharding(s.mesh, P(None, *s.spec)))
+
+    return stack_layers(tree, num_layers, stack)
 
 
 def _like(outputs, shardings):
@@ -48,7 +62,8 @@ def compile_generate(config: ChameleonConfig, params, mesh, *, batch: int, promp
     """Compile one generate call of ``batch`` prompts (``streams`` cache rows each) of
     ``prompt_length`` tokens, with ``images`` input images (pixel_values through the VQ-VAE
     encoder in the prefill), for abstract ``params`` on ``mesh``; the prompt rows are sharded as
-    :meth:`ChameleonModel.put_batch` places them. Image mode: ``modality="image"``,
+    :meth:`ChameleonModel.put_batch` places them. Params holding the stacked ``layers`` tree
+    (:func:`abstract_params` with ``scan_layers``) compile the scanned model (stacked KV cache). Image mode: ``modality="image"``,
     ``settings.max_new_tokens`` = the image's token count, ``streams=3`` with guidance.
 
     Returns {"plan", "blocks", "prefill", "decode", "abstract"}: the :class:`~.sampler.Plan`, the
@@ -57,7 +72,8 @@ def compile_generate(config: ChameleonConfig, params, mesh, *, batch: int, promp
     output them (ShapeDtypeStructs with XLA's shardings).
     """
     settings = (settings or GenerationSettings()).validate(config, prompt_length)
-    gen = generator or Generator(Chameleon(config), config)
+    scan = hasattr(params, "keys") and "layers" in params
+    gen = generator or Generator(Chameleon(config, scan_layers=scan), config)
     rows = batch * streams
     plan = gen.plan(batch, prompt_length, settings, modality, streams)
     knobs = gen.knobs(settings, modality, guidance)

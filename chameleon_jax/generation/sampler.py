@@ -246,7 +246,7 @@ class Generator:
         b, s = plan.batch, plan.cache_length
         head = self.head(plan.modality)
         ids = self._merge_images(params, ids, pixels, image_order)
-        cache = init_cache(self.config, r, s)
+        cache = init_cache(self.config, r, s, stacked=self.module.scan_layers)
         kv_valid = jnp.zeros((r, s), bool).at[:, :t].set(mask > 0)
         logits, cache = self._forward(params, blocks, ids, default_positions(mask),
                                       cache_mask(kv_valid, 0, t), cache, 0, plan.modality)

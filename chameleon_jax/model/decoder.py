@@ -5,7 +5,8 @@ K kv heads, G = H // K, Dh head dim, M mlp width, V vocab.
 
 KV-cache contract (shared by the full forward, prefill and one-token decode):
   cache = {"layers_i": {"k": [B, K, S, Dh], "v": [B, K, S, Dh]}, ...} (heads-major: the decode
-  step's attention reads it as stored, no per-step transpose)
+  step's attention reads it as stored, no per-step transpose); with scanned layers one stacked
+  entry {"layers": {"k": [L, B, K, S, Dh], "v": ...}} (see :func:`init_cache`)
   ``cache_index`` (int32 scalar) is the slot where this call's T tokens are written, the same
   for every row (prompts are left-padded so all rows advance together). The caller passes the
   boolean ``mask [B, T, S]`` saying which slots each query may attend to; see
@@ -27,7 +28,7 @@ from ..config import ChameleonConfig
 from ..quant import QArray, matmul as quant_matmul
 from ..errors import ChameleonError
 from .attention import attention_fn, chunked_attention
-from .scan import scanned_layers, stack_layers, unstack_layers  # noqa: F401  (re-exported)
+from .scan import scan_layers_apply, stack_layers, unstack_layers  # noqa: F401  (re-exported)
 from .vqvae import VQVAE
 
 Array = jax.Array
@@ -182,8 +183,11 @@ class Attention(nn.Module):
     query_chunk: int = 0  # > 0: attention over query blocks of this many rows (chunked_attention)
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
-        """x: [B, T, D]; mask: [B, T, S] bool. Returns ([B, T, D], new cache entry or None)."""
+    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None, layer=None):
+        """x: [B, T, D]; mask: [B, T, S] bool. Returns ([B, T, D], new cache entry or None).
+
+        ``layer`` (int32 scalar, scanned layers): ``cache`` is the stacked cache [L, B, K, S, Dh] and
+        this layer owns slice ``layer`` of it; the whole stacked cache is returned, updated."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         h, k, dh, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
@@ -202,7 +206,14 @@ class Attention(nn.Module):
 
         key, val = key.swapaxes(1, 2), val.swapaxes(1, 2)  # heads-major [B, K, T, Dh], the cache's layout
         new_cache = None
-        if cache is not None:
+        if cache is not None and layer is not None:  # stacked: write this layer's slice in place
+            at = (layer, 0, 0, cache_index, 0)
+            ck = jax.lax.dynamic_update_slice(cache["k"], _cast(key, cache["k"].dtype)[None], at)
+            cv = jax.lax.dynamic_update_slice(cache["v"], _cast(val, cache["v"].dtype)[None], at)
+            new_cache = {"k": ck, "v": cv}
+            key = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+            val = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+        elif cache is not None:
             at = (0, 0, cache_index, 0)
             key = jax.lax.dynamic_update_slice(cache["k"], _cast(key, cache["k"].dtype), at)
             val = jax.lax.dynamic_update_slice(cache["v"], _cast(val, cache["v"].dtype), at)
@@ -242,7 +253,7 @@ class DecoderLayer(nn.Module):
     query_chunk: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None, layer=None):
         c = self.config
         dt = jnp.dtype(c.dtype)
         attn = Attention(c, self.query_chunk, name="self_attn")
@@ -250,11 +261,11 @@ class DecoderLayer(nn.Module):
         norm1 = RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")
         norm2 = RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")
         if c.swin_norm:
-            a, new_cache = attn(x, positions, mask, inv_freq, cache, cache_index)
+            a, new_cache = attn(x, positions, mask, inv_freq, cache, cache_index, layer)
             x = x + norm1(a)
             x = x + norm2(mlp(x))
         else:
-            a, new_cache = attn(norm1(x), positions, mask, inv_freq, cache, cache_index)
+            a, new_cache = attn(norm1(x), positions, mask, inv_freq, cache, cache_index, layer)
             x = x + a
             x = x + mlp(norm2(x))
         return x, new_cache
@@ -297,7 +308,7 @@ class Chameleon(nn.Module):
 
     config: ChameleonConfig
     remat_policy: str = "none"
-    scan_layers: bool = False  # one nn.scan over the layers: params "layers" stacked [L, ...] (no KV cache)
+    scan_layers: bool = False  # one nn.scan over the layers: params "layers" and the KV cache stacked [L, ...]
     # Applied to each decoder layer's params (one layer's tree) right before that layer runs, inside its
     # remat region: the train step's per-layer FSDP all-gather and LoRA merge (training/step.py).
     layer_params: Callable | None = None
@@ -319,7 +330,7 @@ class Chameleon(nn.Module):
         if self.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy])
         if self.scan_layers:  # model/scan.py
-            self.layers = scanned_layers(layer_cls, c, self.attention_chunk)
+            self.layers = layer_cls(c, self.attention_chunk, name="layers")  # applied by scan_layers_apply
         else:
             self.layers = [layer_cls(c, self.attention_chunk, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), name="norm")
@@ -360,12 +371,13 @@ class Chameleon(nn.Module):
         c = self.config
         inv_freq = rope_inv_freq(c, positions)
         new_cache = {} if cache is not None else None
-        if self.scan_layers:
-            if cache is not None:
-                raise ChameleonError("scan_layers: the KV cache needs the per-layer tree (unstack_layers)")
-            x, _ = self.layers(x, positions, mask, inv_freq)
-            out = self.norm(x)
-            return out, None
+        if self.scan_layers:  # no per-layer hidden states are sown (the layers are one scan)
+            if cache is not None and set(cache) != {"layers"}:
+                raise ChameleonError("scan_layers: the KV cache must be the stacked one "
+                                     "(init_cache(config, batch, length, stacked=True))")
+            x, stacked = scan_layers_apply(self.layers, c.num_hidden_layers, x, positions, mask, inv_freq,
+                                           None if cache is None else cache["layers"], cache_index)
+            return self.norm(x), None if cache is None else {"layers": stacked}
         for i, layer in enumerate(self.layers):
             self.sow("intermediates", "hidden_states", x)
             name = f"layers_{i}"
@@ -456,10 +468,14 @@ def _init_fn(config: ChameleonConfig, vq_decoder: bool):
     return fn
 
 
-def init_cache(config: ChameleonConfig, batch: int, length: int, dtype=None) -> dict:
-    """Zeroed KV cache of ``length`` slots: {"layers_i": {"k", "v": [B, K, S, Dh]}} (heads-major)."""
+def init_cache(config: ChameleonConfig, batch: int, length: int, dtype=None, stacked: bool = False) -> dict:
+    """Zeroed KV cache of ``length`` slots: {"layers_i": {"k", "v": [B, K, S, Dh]}} (heads-major), or
+    with ``stacked`` (scanned layers) {"layers": {"k", "v": [L, B, K, S, Dh]}}."""
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch, config.num_key_value_heads, length, config.head_dim)
+    if stacked:
+        shape = (config.num_hidden_layers,) + shape
+        return {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}}
     return {
         f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
         for i in range(config.num_hidden_layers)

@@ -1,7 +1,8 @@
 """Scanned decoder layers: one ``nn.scan`` over the layers, params stacked on a leading layer axis.
 
 ``Chameleon(config, scan_layers=True)`` traces one layer instead of L, so compile time stops
-growing with depth. Its param tree holds ``layers`` (each leaf ``[L, ...]``, logical axis
+growing with depth, for training and generation alike (the KV cache is then stacked too:
+``init_cache(..., stacked=True)``). Its param tree holds ``layers`` (each leaf ``[L, ...]``, logical axis
 ``"layers"``, replicated) where the per-layer tree (the one checkpoints hold) has ``layers_0`` ..
 ``layers_{L-1}``; :func:`stack_layers` / :func:`unstack_layers` convert between the two.
 """
@@ -17,13 +18,47 @@ from ..errors import ChameleonError
 LAYERS_AXIS = "layers"  # logical name of the stacked axis (sharding.RULES: replicated)
 
 
-def scanned_layers(layer_cls, config, *args, name: str = "layers"):
-    """``layer_cls`` (a decoder layer, possibly wrapped in remat / map_variables) applied
-    ``config.num_hidden_layers`` times by ``nn.scan`` (``args``: the layer's other fields): call as ``(x, positions, mask, inv_freq)``
-    -> ``(x, None)``; positions, mask and inv_freq are broadcast to every layer."""
-    return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=config.num_hidden_layers,
-                   metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})(config, *args, name=name)
+def scan_layers_apply(layer, num_layers: int, x, positions, mask, inv_freq, cache=None, cache_index=None):
+    """Apply ``layer`` (one decoder-layer instance, possibly wrapped in remat / map_variables, whose
+    params become the stacked ``[L, ...]`` tree) ``num_layers`` times by ``nn.scan``.
+
+    The carry is ``(x, cache)``: ``cache`` is the stacked KV cache ``{"k", "v": [L, B, K, S, Dh]}``
+    (or None) and layer ``i`` writes its new keys/values into slice ``i`` in place, so a decode step
+    writes only its new token, as the per-layer cache does. positions, mask, inv_freq and
+    cache_index are the same for every layer. Returns ``(x, cache)``.
+    """
+
+    def body(mdl, carry, index, positions, mask, inv_freq, cache_index):
+        h, c = carry
+        h, c = mdl(h, positions, mask, inv_freq, c, cache_index, index)
+        return (h, c), None
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=num_layers,
+                   metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+    (x, cache), _ = scan(layer, (x, cache), jnp.arange(num_layers, dtype=jnp.int32), positions, mask, inv_freq,
+                         cache_index)
+    return x, cache
+
+
+def stack_params(params, num_layers: int, donate: bool = False) -> dict:
+    """A placed per-layer param tree -> the scanned tree, each stacked leaf on the devices of its
+    layers' leaves (a ``NamedSharding``'s spec gains a leading replicated layer axis). Quantized
+    kernels (:class:`~chameleon_jax.quant.QArray`) stack their integers and scales. ``donate``:
+    delete each per-layer leaf once its stack exists (peak memory: one leaf kind more than the model)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def stack(xs):
+        s = getattr(xs[0], "sharding", None)
+        out = NamedSharding(s.mesh, P(None, *s.spec)) if isinstance(s, NamedSharding) else s
+        y = jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*xs)
+        if donate:
+            for a in xs:
+                if isinstance(a, jax.Array):
+                    a.delete()
+        return y
+
+    return stack_layers(params, num_layers, stack)
 
 
 def layer_names(num_layers: int) -> list[str]:
