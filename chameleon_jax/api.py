@@ -412,7 +412,10 @@ def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, q
     ``quantize``: "int8" or "int4" stores the decoder's projections and the LM head as weight-only
     integers (:mod:`chameleon_jax.quant`; ``dtype`` stays the compute dtype): each tensor of an HF
     checkpoint is quantized as it is read, so the float model never exists whole on the device.
-    For inference (logits, generate); training needs float params.
+    For inference (logits, generate); training needs float params. A directory converted with
+    ``chameleon-jax convert --quantize MODE`` already holds the integers and scales: they are
+    restored directly (straight into their shardings with a mesh; the float kernels never exist),
+    with ``quantize=None`` as with ``quantize=MODE``; another mode raises ChameleonError.
     ``attention_impl``: "einsum" (ours), "xla" / "cudnn" (``jax.nn.dot_product_attention``), or a name
     registered with :func:`chameleon_jax.model.attention.register_attention` (e.g. a Pallas kernel).
     ``scan_layers``: stack the decoder layers' params [L, ...] (each leaf's sharding gains a leading
@@ -438,8 +441,16 @@ def load(path: str | os.PathLike, dtype: str | None = "float32", mesh=None, *, q
         config = config.replace(dtype=dtype)
     shardings = param_shardings(config, mesh) if mesh is not None else None
     if is_orbax_dir(path):
+        from .checkpoint.orbax import stored_quantization
+
+        stored = stored_quantization(path)
+        if stored is not None and mode not in (None, stored["mode"]):
+            raise ChameleonError(
+                f"quantize: {path} holds {stored['mode']}-quantized weights (converted with --quantize "
+                f"{stored['mode']}), so it cannot be loaded as {mode}; pass quantize=None or {stored['mode']!r}, "
+                f"or convert the float source with --quantize {mode}")
         params = read_orbax(path, config, shardings, dtype)
-        if mode is not None:
+        if mode is not None and stored is None:
             flat = quant.quantize_flat(traverse_util.flatten_dict(params, sep="/"), mode, shardings)
             params = traverse_util.unflatten_dict(flat, sep="/")
     else:

@@ -19,7 +19,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint.convert import convert
 
     kind, notes = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
-                          model_size=args.model_size)
+                          model_size=args.model_size, quantize=args.quantize)
     print(f"converted {kind} checkpoint {args.src} -> {args.dst}")
     for note in notes:
         print(note if note.startswith("warning: ") else f"note: {note}")
@@ -286,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="cast params to this dtype (default: keep the source's dtype)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically, at the end)")
+    c.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="store the decoder's projections and the LM head weight-only quantized (int8: one scale "
+                   "per output channel; int4: per channel and group of 128 rows), each quantized as it is read "
+                   "(after --dtype); load(DST) then gives the quantized model directly. Embeddings, norms and "
+                   "the VQ-VAE stay float. Such a DST cannot be exported back to HF")
     c.add_argument("--model-size", default=None,
                    help="Meta release root holding several models/*: which one to convert (e.g. 7b, 30b)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -142,6 +142,37 @@ def quantize(w, mode: str, n_in: int = 1, *, group: int | None = None, impl: str
     return QArray(q, scale, mode, shape, n_in, impl)
 
 
+def stored_layout(path: str, shape, mode: str, group: int | None = None) -> tuple[int, tuple, tuple]:
+    """(n_in, q shape [G, g, N], scale shape [G, N]) of the kernel at ``path`` of ``shape`` quantized
+    with ``mode`` and ``group`` (default GROUP[mode]): what a quantized checkpoint stores."""
+    n_in = contracted_dims(path)
+    shape = tuple(int(d) for d in shape)
+    k, n = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+    g = group_size(mode, k, group)
+    return n_in, (k // g, g, n), (k // g, n)
+
+
+def q_dtype(mode: str):
+    return jnp.int8 if mode == "int8" else jnp.int4
+
+
+def from_stored(q, scale, mode: str, shape, n_in: int, impl: str | None = None) -> QArray:
+    """A QArray around stored (restored) ``q`` and ``scale`` arrays; ``impl`` defaults to the one for
+    the platform ``q`` lives on, as :func:`quantize` picks it."""
+    if impl is None:
+        impl = _impl_for(next(iter(q.devices())).platform)
+    return QArray(q, scale, mode, tuple(int(d) for d in shape), int(n_in), impl)
+
+
+def q_shardings(sharding, n_in: int, q_shape) -> tuple:
+    """NamedShardings of (q, scale) for a kernel placed like the NamedSharding ``sharding``."""
+    from jax.sharding import NamedSharding
+
+    groups, g, n = q_shape
+    qs, ss = q_specs(sharding.spec, sharding.mesh, n_in, groups, g, n)
+    return NamedSharding(sharding.mesh, qs), NamedSharding(sharding.mesh, ss)
+
+
 def q_specs(kernel_spec, mesh, n_in: int, groups: int, group: int, n: int):
     """PartitionSpecs of (q [G, g, N], scale [G, N]) from the kernel's: the mesh axes of the kernel's
     first contracted dim go to G, or to g when they do not divide G (e.g. G = 1, or 86 groups of the

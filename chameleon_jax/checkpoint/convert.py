@@ -74,16 +74,24 @@ def open_source(src: str, model_size: str | None = None):
 
 
 def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, progress: bool = True,
-            model_size: str | None = None) -> tuple[str, list[str]]:
+            model_size: str | None = None, quantize: str | None = None) -> tuple[str, list[str]]:
     """Convert ``src`` (HF dir or Meta release) into an Orbax directory ``dst``.
 
     ``dtype``: cast params ("bfloat16", "float32"); None keeps the source's dtype.
     ``model_size``: which of ``models/*`` of a Meta release root holding several ("7b", "30b").
+    ``quantize``: "int8" / "int4" stores the decoder's projections and the LM head weight-only
+    quantized (:mod:`chameleon_jax.quant`): each is quantized as it is read (after the ``dtype``
+    cast) and only its integers and scales are written. ``chameleon_jax.load(dst)`` then gives the
+    quantized params directly, equal to ``load(src, quantize=...)``; ``export`` of such a directory
+    is refused (the float weights are gone).
     Returns (source kind, notes), the notes saying what the conversion decided (e.g. Meta's
     per-shard norm copies averaged, no vqgan.ckpt so no image tokenizer).
     """
+    from .. import quant
+
     if dtype not in _DTYPES:
         raise ChameleonError(f"dtype: {dtype!r} is not supported; expected bfloat16, float32 or float16")
+    mode = quant.check_mode(quantize)
     check_output(dst, [("source", src)])
     kind, config, source, write_tokenizer = open_source(src, model_size)
     # A Meta model directory finds its tokenizer dir outside itself: neither may be touched either.
@@ -94,7 +102,7 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     hf.plan_params(source, config)  # fail on bad input before creating anything
     extra = source.extra_tensors() if hasattr(source, "extra_tensors") else ()
     with hf.atomic_dir(dst, overwrite) as tmp:
-        orbax.write_orbax(tmp, config, source, dtype, extra, _progress_printer() if progress else None)
+        orbax.write_orbax(tmp, config, source, dtype, extra, _progress_printer() if progress else None, quantize=mode)
         write_tokenizer(tmp)
         point("convert: tokenizer files written")
     notes = list(getattr(source, "notes", []))
@@ -104,6 +112,9 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
                      "need the tokenizer files (tokenizer.json, tokenizer_config.json, ...) copied into it")
     if config.vq_config is None:
         notes.append("the result has no VQ-VAE: it cannot take images")
+    if mode is not None:
+        notes.append(f"weights stored {mode}-quantized (decoder projections and LM head; embeddings, norms and "
+                     f"the VQ-VAE in float): load({dst!r}) gives the quantized model; it cannot be exported to HF")
     return kind, notes
 
 
@@ -113,6 +124,8 @@ def export(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int = 5
     Params keep their stored dtype. The VQ-GAN decoder, when the checkpoint has one, is written
     as ``model.vqmodel.decoder.*`` (transformers loads the result and reports those tensors as
     unused). Other ``extra_tensors`` have no place in the HF layout and are not exported.
+    A quantized directory (``convert --quantize``) is refused: dequantizing would write
+    approximate weights under the original names, which is not what an HF export promises.
     """
     src = os.fspath(src)
     if not os.path.isdir(src):
@@ -120,6 +133,12 @@ def export(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int = 5
     check_output(dst, [("source", src)])
     if not orbax.is_orbax_dir(src):
         raise ChameleonError(f"{src}: not a converted checkpoint (no {orbax.MARKER}); expected `chameleon-jax convert` output")
+    qinfo = orbax.stored_quantization(src)
+    if qinfo is not None:
+        raise ChameleonError(
+            f"{src}: holds {qinfo['mode']}-quantized weights (converted with --quantize {qinfo['mode']}; see "
+            f"{orbax.QUANT_FILE}); their float values are gone, so it cannot be exported to HF. Export a "
+            "float conversion instead (`chameleon-jax convert SRC DST` without --quantize)")
     config = ChameleonConfig.from_json_file(os.path.join(src, "config.json"))
     params = orbax.read_orbax(src, config)
     extra = [os.path.join(src, n) for n in orbax.TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
