@@ -93,3 +93,14 @@ def test_stacked_cache_is_required_and_checked():
     out = jax.eval_shape(lambda p: module.apply(p, ids, pos, mask, cache=init_cache(config, 1, 8, stacked=True),
                                                 cache_index=0), params)
     assert out[1]["layers"]["k"].shape == (2, 1, 2, 8, config.head_dim)
+
+
+def test_scanned_int8_model_equals_unrolled_int8(tmp_path):
+    """Weight-only int8 kernels (QArrays) stack like float ones: the same logits and tokens."""
+    build_hf_model(tmp_path, seed=3)
+    per, scan = (cj.load(tmp_path, quantize="int8", scan_layers=s) for s in (False, True))
+    ids, mask = left_pad([text_ids(6, 1), text_ids(9, 2)])
+    ref = per.logits(ids, mask)
+    finite = ref > -1e30
+    assert np.abs(scan.logits(ids, mask) - ref)[finite].max() <= 1e-5 * np.abs(ref)[finite].max()
+    np.testing.assert_array_equal(scan.generate(ids, mask, max_new_tokens=8), per.generate(ids, mask, max_new_tokens=8))
