@@ -113,3 +113,15 @@ def text_ids(n: int, seed: int, vocab_size: int = 256) -> list[int]:
 @pytest.fixture
 def hf_dir(tmp_path):
     return tmp_path / "hf"
+
+
+def fail_on_call(fn, n: int, error: Exception | None = None):
+    """``fn`` that raises ``error`` (a full disk by default) on its ``n``-th call: a write failing midway."""
+    def flaky(*a, **k):
+        flaky.calls += 1
+        if flaky.calls == n:
+            raise error or OSError("No space left on device")
+        return fn(*a, **k)
+
+    flaky.calls = 0  # how often it was called
+    return flaky

@@ -17,7 +17,7 @@ from chameleon_jax.checkpoint import hf, orbax
 from chameleon_jax.checkpoint import hf as hf_module
 from chameleon_jax.checkpoint.convert import convert, export
 from chameleon_jax.checkpoint.safetensors_io import SafetensorsFile
-from conftest import build_hf_model, image_placeholders, random_pixels, text_ids
+from conftest import build_hf_model, fail_on_call, image_placeholders, random_pixels, text_ids
 from test_parity import _compare, _hf_logits
 
 
@@ -102,19 +102,11 @@ def test_dst_exists_refused_unless_overwrite(src, tmp_path, capsys):
 
 def test_write_failure_midway_leaves_no_dst(src, tmp_path, monkeypatch):
     _, d = src
-    calls = {"n": 0}
-    real = orbax.convert_tensor
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise OSError("No space left on device")
-        return real(*a, **k)
-
+    flaky = fail_on_call(orbax.convert_tensor, 20)
     monkeypatch.setattr(orbax, "convert_tensor", flaky)
     with pytest.raises(OSError, match="No space left"):
         convert(str(d), str(tmp_path / "dst"), progress=False)
-    assert calls["n"] == 20
+    assert flaky.calls == 20
     assert os.listdir(tmp_path) == []  # neither DST nor a temp dir
 
 

@@ -19,7 +19,7 @@ import chameleon_jax as cj
 from chameleon_jax import ChameleonError, cli, quant
 from chameleon_jax.checkpoint import orbax
 from chameleon_jax.checkpoint.convert import convert, export
-from conftest import build_hf_model, text_ids
+from conftest import build_hf_model, fail_on_call, text_ids
 
 VOCAB = 1024
 
@@ -183,16 +183,7 @@ def test_export_of_a_quantized_checkpoint_is_refused(dirs, tmp_path):
 
 
 def test_failure_while_quantizing_leaves_no_dst(dirs, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = quant.quantize_leaf
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError("No space left on device")
-        return real(*a, **k)
-
-    monkeypatch.setattr(quant, "quantize_leaf", flaky)
+    monkeypatch.setattr(quant, "quantize_leaf", fail_on_call(quant.quantize_leaf, 5))
     with pytest.raises(OSError, match="No space left"):
         convert(str(dirs["hf"]), str(tmp_path / "dst"), progress=False, quantize="int8")
     assert os.listdir(tmp_path) == []
