@@ -51,7 +51,9 @@ class ChameleonModel:
     @property
     def scan_layers(self) -> bool:
         """Whether the params hold the scanned layout (``layers`` stacked [L, ...]; see :func:`load`)."""
-        return hasattr(self.params, "keys") and "layers" in self.params
+        from .model.scan import is_stacked
+
+        return is_stacked(self.params)
 
     def __post_init__(self):
         # params holding the stacked "layers" tree (load(..., scan_layers=True)) run the scanned layers

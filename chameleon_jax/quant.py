@@ -110,7 +110,7 @@ def _quantize(w: Array, mode: str, n_in: int, group: int):
     wg = w.astype(jnp.float32).reshape(k // group, group, -1)
     amax = jnp.max(jnp.abs(wg), axis=1)
     scale = jnp.where(amax > 0, amax / qmax, 1.0)
-    q = jnp.clip(jnp.round(wg / scale[:, None]), -qmax, qmax).astype(jnp.int8 if mode == "int8" else jnp.int4)
+    q = jnp.clip(jnp.round(wg / scale[:, None]), -qmax, qmax).astype(q_dtype(mode))
     return q, scale
 
 
@@ -128,18 +128,13 @@ def quantize(w, mode: str, n_in: int = 1, *, group: int | None = None, impl: str
     shape = tuple(int(d) for d in w.shape)
     if len(shape) <= n_in:
         raise ChameleonError(f"quantize: a kernel of shape {shape} has no output dims past its {n_in} input dim(s)")
-    k, n = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+    k = math.prod(shape[:n_in])
     g = group_size(mode, k, group)
     out_shardings = None
     if sharding is not None:
-        from jax.sharding import NamedSharding
-
-        qs, ss = q_specs(sharding.spec, sharding.mesh, n_in, k // g, g, n)
-        out_shardings = (NamedSharding(sharding.mesh, qs), NamedSharding(sharding.mesh, ss))
+        out_shardings = q_shardings(sharding, n_in, (k // g, g, math.prod(shape[n_in:])))
     q, scale = _quantizer(out_shardings)(w, mode, n_in, g)
-    if impl is None:
-        impl = _impl_for(next(iter(q.devices())).platform)
-    return QArray(q, scale, mode, shape, n_in, impl)
+    return from_stored(q, scale, mode, shape, n_in, impl)
 
 
 def stored_layout(path: str, shape, mode: str, group: int | None = None) -> tuple[int, tuple, tuple]:
@@ -223,18 +218,11 @@ def abstract_quantized(flat: dict, mode: str, impl: str = "xla") -> dict:
         if mode is None or not is_target(path):
             out[path] = x
             continue
-        n_in = contracted_dims(path)
-        shape = tuple(x.shape)
-        k, n = math.prod(shape[:n_in]), math.prod(shape[n_in:])
-        g = group_size(mode, k)
+        n_in, q_shape, s_shape = stored_layout(path, x.shape, mode)
         sh = getattr(x, "sharding", None)
-        q_sh = s_sh = None
-        if isinstance(sh, NamedSharding):
-            qs, ss = q_specs(sh.spec, sh.mesh, n_in, k // g, g, n)
-            q_sh, s_sh = NamedSharding(sh.mesh, qs), NamedSharding(sh.mesh, ss)
-        qdt = jnp.int8 if mode == "int8" else jnp.int4
-        out[path] = QArray(jax.ShapeDtypeStruct((k // g, g, n), qdt, sharding=q_sh),
-                           jax.ShapeDtypeStruct((k // g, n), jnp.float32, sharding=s_sh), mode, shape, n_in, impl)
+        q_sh, s_sh = q_shardings(sh, n_in, q_shape) if isinstance(sh, NamedSharding) else (None, None)
+        out[path] = QArray(jax.ShapeDtypeStruct(q_shape, q_dtype(mode), sharding=q_sh),
+                           jax.ShapeDtypeStruct(s_shape, jnp.float32, sharding=s_sh), mode, tuple(x.shape), n_in, impl)
     return out
 
 

@@ -68,8 +68,6 @@ def write_orbax(directory: str, config: ChameleonConfig, source, dtype=None, ext
 
     mode = quant.check_mode(quantize)
     plan = plan_params(source, config)
-    if mode is not None and any(item[0].startswith("layers/") for item in plan):
-        raise ChameleonError("quantize: params with stacked (scanned) layers cannot be quantized at convert time")
     qparams: dict[str, dict] = {}
     groups: dict[str, list] = {}
     for item in plan:

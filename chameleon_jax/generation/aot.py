@@ -40,12 +40,10 @@ def abstract_params(config: ChameleonConfig, mesh, dtype: str | None = None, sca
 
 def stack_abstract(tree, num_layers: int):
     """An abstract per-layer tree (ShapeDtypeStructs with NamedShardings) -> the stacked one."""
-    from ..model.scan import stack_layers
+    from ..model.scan import stack_layers, stacked_sharding
 
     def stack(xs):
-        s = xs[0].sharding
-        return jax.ShapeDtypeStruct((num_layers,) + xs[0].shape, xs[0].dtype,
-                                    sharding=NamedSharding(s.mesh, P(None, *s.spec)))
+        return jax.ShapeDtypeStruct((num_layers,) + xs[0].shape, xs[0].dtype, sharding=stacked_sharding(xs[0].sharding))
 
     return stack_layers(tree, num_layers, stack)
 
@@ -72,8 +70,9 @@ def compile_generate(config: ChameleonConfig, params, mesh, *, batch: int, promp
     output them (ShapeDtypeStructs with XLA's shardings).
     """
     settings = (settings or GenerationSettings()).validate(config, prompt_length)
-    scan = hasattr(params, "keys") and "layers" in params
-    gen = generator or Generator(Chameleon(config, scan_layers=scan), config)
+    from ..model.scan import is_stacked
+
+    gen = generator or Generator(Chameleon(config, scan_layers=is_stacked(params)), config)
     rows = batch * streams
     plan = gen.plan(batch, prompt_length, settings, modality, streams)
     knobs = gen.knobs(settings, modality, guidance)

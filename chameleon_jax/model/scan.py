@@ -41,17 +41,25 @@ def scan_layers_apply(layer, num_layers: int, x, positions, mask, inv_freq, cach
     return x, cache
 
 
+def is_stacked(params) -> bool:
+    """Whether a param tree holds the scanned layout (a ``layers`` entry stacked [L, ...])."""
+    return hasattr(params, "keys") and "layers" in params
+
+
+def stacked_sharding(sharding):
+    """A layer leaf's NamedSharding -> its stack's: a replicated leading layer axis (others as they are)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(sharding.mesh, P(None, *sharding.spec)) if isinstance(sharding, NamedSharding) else sharding
+
+
 def stack_params(params, num_layers: int, donate: bool = False) -> dict:
     """A placed per-layer param tree -> the scanned tree, each stacked leaf on the devices of its
     layers' leaves (a ``NamedSharding``'s spec gains a leading replicated layer axis). Quantized
     kernels (:class:`~chameleon_jax.quant.QArray`) stack their integers and scales. ``donate``:
     delete each per-layer leaf once its stack exists (peak memory: one leaf kind more than the model)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     def stack(xs):
-        s = getattr(xs[0], "sharding", None)
-        out = NamedSharding(s.mesh, P(None, *s.spec)) if isinstance(s, NamedSharding) else s
-        y = jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*xs)
+        y = jax.jit(lambda *a: jnp.stack(a), out_shardings=stacked_sharding(getattr(xs[0], "sharding", None)))(*xs)
         if donate:
             for a in xs:
                 if isinstance(a, jax.Array):

@@ -289,11 +289,11 @@ def convert_layout(tree, num_layers: int, stacked: bool, mesh=None):
     """Every param-keyed dict inside ``tree`` (params, adapters, optimizer moments) to the scanned layout
     (``stacked``) or the per-layer one; dicts already in that layout stay. Traceable. With ``mesh``,
     ``tree`` holds NamedShardings (the layer axis is replicated)."""
-    from ..model.scan import stack_layers, unstack_layers
+    from ..model.scan import stack_layers, stacked_sharding, unstack_layers
 
     stack = take = None
     if mesh is not None:
-        stack = lambda xs: NamedSharding(mesh, P(None, *xs[0].spec))  # noqa: E731
+        stack = lambda xs: stacked_sharding(xs[0])  # noqa: E731
         take = lambda s, i: NamedSharding(mesh, P(*s.spec[1:]))  # noqa: E731
 
     def fn(x):
