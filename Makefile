@@ -25,12 +25,14 @@ $(VENV)/.test-$(EXTRAS): pyproject.toml $(VENV)/.base
 demo: $(VENV)/.base
 	$(BIN)/chameleon-jax demo
 
+# Two pytest workers (pytest-xdist), one per core here; each test file stays on one worker, so its
+# module fixtures are built once.
 test: $(VENV)/.test-$(EXTRAS)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-# Second tier (CI runs it too): every notebook top to bottom in a fresh kernel, ~3 min.
+# Second tier (CI runs it too): every notebook top to bottom in a fresh kernel, two at a time.
 test-notebooks: $(VENV)/.test-$(EXTRAS)
-	$(BIN)/python -m pytest -q -m notebooks tests/test_notebooks.py
+	$(BIN)/python -m pytest -q -n 2 -m notebooks tests/test_notebooks.py
 
 clean-venv:
 	rm -rf $(VENV)

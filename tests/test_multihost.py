@@ -12,7 +12,7 @@ import numpy as np
 
 import chameleon_jax as cj
 from chameleon_jax.checkpoint.convert import convert
-from conftest import build_hf_model, text_ids
+from conftest import build_hf_model, child_env, text_ids
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 
@@ -32,7 +32,7 @@ def test_two_process_mesh_equals_one_device(tmp_path):
     ref = cj.load(tmp_path / "hf").logits(ids)
 
     port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env = child_env()
     procs = [
         subprocess.Popen([sys.executable, WORKER, str(i), port, str(tmp_path / "orbax"), str(tmp_path)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -19,6 +19,7 @@ from chameleon_jax.errors import ChameleonError
 from chameleon_jax.processing import ChameleonProcessor
 from chameleon_jax.training import Trainer
 from chameleon_jax.training.data import DataLoader, read_jsonl
+from conftest import child_env
 from multihost_worker_common import STEPS, run_steps, train_config
 from tokenizer_utils import build_test_tokenizer
 from train_utils import IMAGE_TOKENS, tiny_model_config, write_data
@@ -57,7 +58,7 @@ def test_two_processes_train_like_one(tmp_path):
         pytest.skip("needs 8 CPU devices (JAX_NUM_CPU_DEVICES=8) for the one-process reference")
     _setup(tmp_path)
     port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     procs = [subprocess.Popen([sys.executable, WORKER, str(i), port, str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -34,7 +34,8 @@ def _kernel_env(home: str) -> dict:
     with open(os.path.join(spec, "kernel.json"), "w") as f:
         json.dump({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                    "display_name": KERNEL, "language": "python"}, f)
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    # XLA_FLAGS stays: under pytest it holds conftest's test-only compile settings.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env.update(JUPYTER_PATH=home, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", MPLBACKEND="module://matplotlib_inline.backend_inline")
     return env
 
