@@ -5,10 +5,12 @@ throughput of each, measured in alternating runs (medians and ranges), our decod
 the same compiled loop ``generate`` uses, and the weight bytes each step reads. Quality: 16 prompts
 x 64 fp32-greedy tokens fed back (teacher forcing): top-1 agreement of int8 / int4 with fp32 and the
 largest logit error relative to each row's logit spread (text tokens). ``--tpu-bytes``: also XLA's
-bytes accessed of one 7B decode step compiled for a TPU topology (needs the tpu-aot extra).
+bytes accessed of one 7B decode step compiled for a TPU topology, with and without VMEM prefetching,
+at 256 and 2048 cache slots (needs the tpu-aot extra).
 
     python benchmarks/quant.py                   # hidden 512, 8 layers, vocab 65536 (92M), CPU
     python benchmarks/quant.py --reps 3 --batches 1 --tpu-bytes
+    python benchmarks/quant.py --batches --tpu-bytes   # the TPU bytes only
 """
 
 from __future__ import annotations
@@ -57,25 +59,45 @@ def quality(models: dict, vocab: int, first_text: int) -> dict:
     return out
 
 
-def tpu_bytes(topology: str, mesh: dict) -> dict:
+# v5e's libtpu option: no memory-space assignment into VMEM. With it on (the default, the program a
+# TPU runs) XLA prefetches weights into VMEM and its cost analysis counts each prefetch as a read and a
+# write besides the dot's own read, for whichever weights fit the prefetch budget (int8's fit more
+# often than bf16's); off, each weight byte is counted once, as it crosses HBM.
+NO_PREFETCH = {"xla_vf_vmem_memory_space_assignment": False}
+
+
+def tpu_bytes(topology: str, mesh: dict, seq: int) -> dict:
+    """{(mode, prefetch): PlanResult} of one 7B decode step, with and without VMEM prefetching."""
     import chameleon_jax as cj
     from chameleon_jax.plan import plan
 
     cfg = cj.load_preset("chameleon-7b")
     out = {}
-    for mode in MODES:
-        r = plan(cfg, topology, mesh, task="generate", seq=2048, batch=1, quantize=mode)
-        out[mode] = r
-        print(f"  7B decode step on {topology} {mesh}, {_name(mode) if mode else 'bf16'}: params "
-              f"{r.params_bytes / 2**30:.2f} GiB/device, XLA bytes accessed {r.bytes_accessed / 2**30:.2f} GiB "
-              f"(compile {r.compile_s:.0f} s)", flush=True)
+    for prefetch in (True, False):
+        for mode in MODES:
+            r = plan(cfg, topology, mesh, task="generate", seq=seq, batch=1, quantize=mode,
+                     compiler_options=None if prefetch else NO_PREFETCH)
+            out[mode, prefetch] = r
+            print(f"  7B decode step on {topology} {mesh}, {_name(mode) if mode else 'bf16'}"
+                  f"{'' if prefetch else ', no VMEM prefetch'}: params {r.params_bytes / 2**30:.2f} GiB/device, "
+                  f"XLA bytes accessed {r.bytes_accessed / 2**30:.2f} GiB (compile {r.compile_s:.0f} s)", flush=True)
     return out
+
+
+def report_tpu_bytes(topology: str):
+    for seq in (256, 2048):
+        print(f"\nXLA:TPU cost analysis, one decode step (batch 1, {seq}-slot cache, tensor=8):")
+        r = tpu_bytes(topology, {"tensor": 8}, seq)
+        for mode in MODES[1:]:
+            moved = [r[mode, pf].bytes_accessed / r[None, pf].bytes_accessed for pf in (True, False)]
+            print(f"  {mode} / bf16: bytes accessed {moved[0]:.3f} (prefetch copies counted), {moved[1]:.3f} "
+                  f"(no VMEM prefetch); params per device {r[mode, True].params_bytes / r[None, True].params_bytes:.3f}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, hidden=512, layers=8, intermediate=1376, vocab=65536, image_codes=8192, image_resolution=256)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="decode batch sizes (none: skip the CPU part)")
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=32, help="new tokens per row")
     p.add_argument("--reps", type=int, default=5)
@@ -84,6 +106,10 @@ def main(argv=None) -> int:
     p.add_argument("--topology", default="v5e:2x4")
     args = p.parse_args(argv)
 
+    if not args.batches:
+        if args.tpu_bytes:
+            report_tpu_bytes(args.topology)
+        return 0
     import jax
     import torch
     import transformers
@@ -163,11 +189,7 @@ def main(argv=None) -> int:
                   f"{statistics.median(steps[None]) / statistics.median(steps[mode]):.2f}x")
 
     if args.tpu_bytes:
-        print("\nXLA:TPU cost analysis, one decode step (batch 1, 2048-slot cache, tensor=8):")
-        r = tpu_bytes(args.topology, {"tensor": 8})
-        for mode in MODES[1:]:
-            print(f"  {mode} / bf16: bytes accessed {r[mode].bytes_accessed / r[None].bytes_accessed:.3f}, "
-                  f"params per device {r[mode].params_bytes / r[None].params_bytes:.3f}")
+        report_tpu_bytes(args.topology)
     return 0
 
 

@@ -178,8 +178,13 @@ def _topology_mesh(topology: str, mesh: Mapping[str, int]):
 def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, task: str = "train", seq: int = 4096,
          batch: int = 8, remat: str = "full", dtype: str = "bfloat16", loss_chunk: int = 0, lora_rank: int = 16,
          base_dtype: str = "bfloat16", scan: bool = False, optimizer_dtype: str = "float32",
-         offload_optimizer: bool = False, attention_chunk: int = 0, quantize: str | None = None) -> PlanResult:
-    """Compile ``task`` for ``topology`` on abstract params and return its per-device memory figures."""
+         offload_optimizer: bool = False, attention_chunk: int = 0, quantize: str | None = None,
+         compiler_options: Mapping | None = None) -> PlanResult:
+    """Compile ``task`` for ``topology`` on abstract params and return its per-device memory figures.
+
+    ``compiler_options``: XLA / libtpu options for this compile (``jax.stages.Lowered.compile``'s), e.g.
+    ``{"xla_vf_vmem_memory_space_assignment": False}`` (v5e: no prefetching into VMEM, so the cost
+    analysis counts each HBM byte once instead of also counting every prefetch copy)."""
     from .model.decoder import Chameleon
     from .training.config import TrainConfig
     from .training.lora import LoraConfig
@@ -249,7 +254,7 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
     t0 = time.perf_counter()
     lowered = fn.lower(*args)
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=dict(compiler_options) if compiler_options else None)
     except Exception as e:  # XLA:TPU refuses programs that exceed HBM: report that, with its figures
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg:

@@ -52,6 +52,7 @@ def _assert_same_params(a, b):
         if isinstance(x, quant.QArray):
             assert (x.mode, x.shape, x.n_in, x.impl) == (y.mode, y.shape, y.n_in, y.impl), path
             assert x.q.dtype == y.q.dtype and x.q.sharding == y.q.sharding and x.scale.sharding == y.scale.sharding
+            assert x.scale.dtype == y.scale.dtype, path
             assert np.array_equal(np.asarray(x.q.astype(np.int8)), np.asarray(y.q.astype(np.int8))), path
             assert np.array_equal(np.asarray(x.scale), np.asarray(y.scale)), path
         else:
@@ -122,12 +123,28 @@ def test_sharded_restore_matches_quantize_at_load(dirs):
     _assert_same_params(stored.params, cj.load(dirs["hf"], quantize="int4", mesh=mesh).params)
 
 
-def test_dtype_cast_happens_before_quantizing(dirs, tmp_path):
-    convert(str(dirs["hf"]), str(tmp_path / "bf16-int8"), dtype="bfloat16", progress=False, quantize="int8")
-    stored = cj.load(tmp_path / "bf16-int8", dtype="bfloat16")
-    ref = cj.load(dirs["hf"], dtype="bfloat16", quantize="int8")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_dtype_cast_happens_before_quantizing(dirs, tmp_path, mode):
+    convert(str(dirs["hf"]), str(tmp_path / f"bf16-{mode}"), dtype="bfloat16", progress=False, quantize=mode)
+    stored = cj.load(tmp_path / f"bf16-{mode}", dtype="bfloat16")
+    ref = cj.load(dirs["hf"], dtype="bfloat16", quantize=mode)
     _assert_same_params(stored.params, ref.params)
     assert stored.params["embed_tokens"]["embedding"].dtype == np.dtype("bfloat16")
+    # int4 scales of a bf16 kernel are stored bf16 (quant.scale_dtype); int8's stay float32
+    assert stored.params["lm_head"].scale.dtype == np.dtype("bfloat16" if mode == "int4" else "float32")
+    info = json.loads((tmp_path / f"bf16-{mode}" / orbax.QUANT_FILE).read_text())
+    assert info["params"]["lm_head"]["scale_dtype"] == str(stored.params["lm_head"].scale.dtype)
+
+
+def test_checkpoints_without_scale_dtype_load_float32_scales(dirs, tmp_path):
+    """quantization.json written before scale_dtype existed: its scales are float32 (as they were)."""
+    d = _copy(dirs["int4"], tmp_path)
+    qfile = d / orbax.QUANT_FILE
+    info = json.loads(qfile.read_text())
+    for entry in info["params"].values():
+        assert entry.pop("scale_dtype") == "float32"
+    qfile.write_text(json.dumps(info))
+    _assert_same_params(cj.load(d).params, cj.load(dirs["int4"]).params)
 
 
 def test_wrong_mode_names_the_stored_one(dirs):
@@ -160,7 +177,9 @@ def test_missing_or_bad_metadata_names_the_file(dirs, tmp_path):
                          ({"params": {**info["params"], "lm_head": {**info["params"]["lm_head"], "q_shape": [2, 128, 1024]}}},
                           r"lm_head q_shape \[2, 128, 1024\]"),
                          ({"params": {k: v for k, v in info["params"].items() if k != "lm_head"}},
-                          "no entry for quantized param 'lm_head'")]:
+                          "no entry for quantized param 'lm_head'"),
+                         ({"params": {**info["params"], "lm_head": {**info["params"]["lm_head"], "scale_dtype": "int7"}}},
+                          "lm_head scale_dtype 'int7'")]:
         qfile.write_text(json.dumps({**info, **change}))
         with pytest.raises(ChameleonError, match=re.escape(str(qfile)) + ".*" + want):
             cj.load(d)

@@ -74,7 +74,6 @@ def test_pretokenized_records(tmp_path):
 
 
 # ------------------------------------------------------------------ training stages (smoke: CI never retrains)
-@pytest.mark.slow  # 75 s: both training stages for a few steps (the default tier tests the shipped result)
 def test_training_stages_smoke(tmp_path):
     from chameleon_jax.demo import train_lm, train_vq
 

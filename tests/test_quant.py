@@ -21,6 +21,20 @@ SHAPES = [((256, 4, 16), 1), ((4, 64, 48), 2), ((96, 80), 1), ((64, 40), 1)]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_scales_of_a_bf16_kernel(mode):
+    """int4 scales of a bf16 kernel are bf16 (what the grouped matmul multiplies in), the integers rounded
+    against them, so the error is still at most half a (stored) step; int8's per-channel scales stay fp32."""
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((512, 96)), jnp.bfloat16)
+    qa = quant.quantize(w, mode)
+    assert qa.scale.dtype == (jnp.bfloat16 if mode == "int4" else jnp.float32)
+    assert quant.scale_dtype(mode, jnp.float32) == jnp.float32
+    step = np.repeat(np.asarray(qa.scale.astype(jnp.float32)), qa.group, axis=0)
+    err = np.abs(np.asarray(qa.dequantize()) - np.asarray(w.astype(jnp.float32)))
+    assert np.all(err <= step / 2 * (1 + 1e-5))
+    assert qa.nbytes == 512 * 96 * (1 if mode == "int8" else 0.5) + qa.scale.size * qa.scale.dtype.itemsize
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("shape,n_in", SHAPES)
 def test_rounding_error_is_at_most_half_a_step(mode, shape, n_in):
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -124,7 +138,6 @@ def test_demo_model_keeps_its_accuracy_in_int4():
     _demo_quality("int4", 60)
 
 
-@pytest.mark.slow
 def test_demo_model_keeps_its_accuracy_in_int8():
     _demo_quality("int8", 200)
 
@@ -168,18 +181,23 @@ def test_cli_generate_passes_quantize(monkeypatch):
 
 def test_decode_step_reads_fewer_bytes_on_tpu():
     """One decode step compiled for a TPU v5e-8 slice (tensor=8) on abstract params: XLA:TPU's bytes
-    accessed and the params per device, int8 and int4 against bf16. (XLA's figure also counts its
-    on-chip prefetch copies, so it is not the HBM traffic; the README gives the 7B numbers.)"""
+    accessed and the params per device, int8 and int4 against bf16, as compiled (XLA prefetches weights
+    into VMEM and counts each prefetch as another read and write) and with VMEM prefetching off (each HBM
+    byte counted once). The README gives the 7B numbers."""
     pytest.importorskip("libtpu", reason="needs the tpu-aot extra (libtpu) to compile for a TPU topology")
     from chameleon_jax.plan import plan
 
     cfg = cj.load_preset("chameleon-7b").replace(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
                                                  num_attention_heads=8, num_key_value_heads=8, vocab_size=16384)
-    r = {m: plan(cfg, "v5e:2x4", {"tensor": 8}, task="generate", seq=256, batch=1, quantize=m)
-         for m in (None, "int8", "int4")}
-    moved = {m: r[m].bytes_accessed / r[None].bytes_accessed for m in ("int8", "int4")}
+    moved = {}
+    for prefetch, opts in (("prefetch", None), ("no prefetch", {"xla_vf_vmem_memory_space_assignment": False})):
+        r = {m: plan(cfg, "v5e:2x4", {"tensor": 8}, task="generate", seq=256, batch=1, quantize=m,
+                     compiler_options=opts) for m in (None, "int8", "int4")}
+        moved[prefetch] = {m: r[m].bytes_accessed / r[None].bytes_accessed for m in ("int8", "int4")}
     held = {m: r[m].params_bytes / r[None].params_bytes for m in ("int8", "int4")}
     print("bytes accessed / bf16:", moved, "params per device / bf16:", held)
-    # measured 0.56 and 0.34 (the float embeddings and the KV cache are a larger share here than in 7B)
-    assert moved["int8"] < 0.65 and moved["int4"] < 0.45, moved
+    # measured: prefetch int8 0.559 int4 0.303; no prefetch 0.541 / 0.356. With float32 int4 scales it was
+    # 0.34 / 0.40: the 2816-row down_proj's 22 groups do not split 8 ways, so every chip holds all its scales.
+    assert moved["prefetch"]["int8"] < 0.6 and moved["prefetch"]["int4"] < 0.32, moved
+    assert moved["no prefetch"]["int8"] < 0.6 and moved["no prefetch"]["int4"] < 0.38, moved
     assert held["int8"] < 0.7 and held["int4"] < 0.5, held

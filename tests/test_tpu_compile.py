@@ -94,7 +94,6 @@ def test_image_generate_with_guidance_compiles_for_tpu(tpu):
     _check(out, mesh)
 
 
-@pytest.mark.slow
 def test_compiled_programs_are_the_ones_generate_runs():
     """On CPU devices: the programs compile_generate compiles, run on real params, give the tokens
     ChameleonModel.generate gives (so the TPU tests above compile what generate runs)."""

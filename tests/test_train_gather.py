@@ -142,7 +142,6 @@ def test_query_chunked_attention_equals_whole_attention(model):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(b).max()), 1e-30)
 
 
-@pytest.mark.slow  # four Trainers, two step compiles (~40 s): the slow tier
 def test_trainer_scan_layers_trains_alike_and_checkpoints_interchange(tmp_path):
     """scan_layers: the state holds layers [L, ...]; params() is the per-layer tree; the numbers equal the
     per-layer trainer's; a checkpoint of either layout resumes in the other."""

@@ -27,9 +27,10 @@ from .safetensors_io import SafetensorsFile, write_safetensors
 #                               (marker "vq_decoder": true).
 # DST/quantization.json         only in a quantized checkpoint (convert --quantize; the marker then has
 #                               "quantization": MODE): {"format": QUANT_FORMAT, "mode", "group",
-#                               "params": {path: {"shape", "n_in", "q_shape", "scale_shape", "from_dtype"}}}.
+#                               "params": {path: {"shape", "n_in", "q_shape", "scale_shape", "scale_dtype",
+#                                                 "from_dtype"}}}.
 #                               Each quantized kernel is stored as <path>/q ([G, g, N] int8 / int4) and
-#                               <path>/scale ([G, N] float32) in its group's tree (quant.QArray's fields).
+#                               <path>/scale ([G, N], quant.scale_dtype) in its group's tree (quant.QArray's fields).
 # DST/extra_tensors.safetensors tensors our model does not use (none today). Directories converted
 #                               before the decoder became params hold Meta's decoder here as
 #                               vqgan.decoder.* (PyTorch layout); read_orbax still loads it.
@@ -86,7 +87,8 @@ def write_orbax(directory: str, config: ChameleonConfig, source, dtype=None, ext
                 del w
                 flat[path + "/q"], flat[path + "/scale"] = qa.q, qa.scale
                 qparams[path] = {"shape": list(qa.shape), "n_in": qa.n_in, "q_shape": list(qa.q.shape),
-                                 "scale_shape": list(qa.scale.shape), "from_dtype": dtypes[path]}
+                                 "scale_shape": list(qa.scale.shape), "scale_dtype": str(qa.scale.dtype),
+                                 "from_dtype": dtypes[path]}
                 continue
             flat[path] = w
         tree = traverse_util.unflatten_dict(flat, sep="/")  # {group: subtree}
@@ -156,7 +158,9 @@ def read_orbax(directory: str, config: ChameleonConfig, shardings: Mapping | Non
             if isinstance(sharding, jax.sharding.NamedSharding):
                 q_sh, s_sh = quant.q_shardings(sharding, n_in, q_shape)
             group[path + "/q"] = jax.ShapeDtypeStruct(q_shape, quant.q_dtype(qinfo["mode"]), sharding=q_sh)
-            group[path + "/scale"] = jax.ShapeDtypeStruct(s_shape, np.float32, sharding=s_sh)
+            # checkpoints from before int4's 16-bit scales name no scale_dtype: theirs are float32
+            s_dtype = np.dtype(qinfo["params"][path].get("scale_dtype", "float32"))
+            group[path + "/scale"] = jax.ShapeDtypeStruct(s_shape, s_dtype, sharding=s_sh)
             continue
         group[path] = jax.ShapeDtypeStruct(sds.shape, stored[path], sharding=sharding)
     ckpt = _checkpointer()
@@ -247,6 +251,9 @@ def _quantized_layout(directory: str, qinfo: Mapping, expected: Mapping) -> dict
             if entry.get(key) != value:
                 raise ChameleonError(f"{qpath}: {path} {key} {entry.get(key)!r}, but the config and group size "
                                      f"{qinfo['group']} imply {value!r}")
+        if entry.get("scale_dtype", "float32") not in ("float32", "bfloat16", "float16"):
+            raise ChameleonError(f"{qpath}: {path} scale_dtype {entry.get('scale_dtype')!r}, expected float32, "
+                                 "bfloat16 or float16")
         out[path] = (n_in, q_shape, s_shape)
     return out
 
