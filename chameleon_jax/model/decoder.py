@@ -134,9 +134,12 @@ class HeadLayerNorm(nn.Module):
         scale = _param(self, "scale", shape, self.axes, nn.initializers.ones)
         bias = _param(self, "bias", shape, self.axes, nn.initializers.zeros)
         xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        # means over the short head_dim as matvecs with a 1/Dh vector: XLA:CPU runs a reduce over a
+        # 32..128-wide minor dim element by element, the dot vectorized (~8% of a CPU train step)
+        avg = jnp.full((self.head_dim, 1), 1.0 / self.head_dim, jnp.float32)
+        mean = jnp.dot(xf, avg, precision=jax.lax.Precision.HIGHEST)
         centered = xf - mean
-        var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+        var = jnp.dot(centered * centered, avg, precision=jax.lax.Precision.HIGHEST)
         y = centered * jax.lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
