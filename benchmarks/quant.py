@@ -59,24 +59,17 @@ def quality(models: dict, vocab: int, first_text: int) -> dict:
     return out
 
 
-# v5e's libtpu option: no memory-space assignment into VMEM. With it on (the default, the program a
-# TPU runs) XLA prefetches weights into VMEM and its cost analysis counts each prefetch as a read and a
-# write besides the dot's own read, for whichever weights fit the prefetch budget (int8's fit more
-# often than bf16's); off, each weight byte is counted once, as it crosses HBM.
-NO_PREFETCH = {"xla_vf_vmem_memory_space_assignment": False}
-
-
 def tpu_bytes(topology: str, mesh: dict, seq: int) -> dict:
     """{(mode, prefetch): PlanResult} of one 7B decode step, with and without VMEM prefetching."""
     import chameleon_jax as cj
-    from chameleon_jax.plan import plan
+    from chameleon_jax.plan import NO_VMEM_PREFETCH, plan
 
     cfg = cj.load_preset("chameleon-7b")
     out = {}
     for prefetch in (True, False):
         for mode in MODES:
             r = plan(cfg, topology, mesh, task="generate", seq=seq, batch=1, quantize=mode,
-                     compiler_options=None if prefetch else NO_PREFETCH)
+                     compiler_options=None if prefetch else NO_VMEM_PREFETCH)
             out[mode, prefetch] = r
             print(f"  7B decode step on {topology} {mesh}, {_name(mode) if mode else 'bf16'}"
                   f"{'' if prefetch else ', no VMEM prefetch'}: params {r.params_bytes / 2**30:.2f} GiB/device, "

@@ -175,6 +175,12 @@ def _topology_mesh(topology: str, mesh: Mapping[str, int]):
     return hbm, sizes, make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
 
 
+# libtpu option for v5e: no memory-space assignment into VMEM. As compiled (the default) XLA prefetches
+# weights into VMEM and its cost analysis counts each prefetch as a read and a write beside the dot's own
+# read; with this, each HBM byte is counted once. For ``plan(..., compiler_options=NO_VMEM_PREFETCH)``.
+NO_VMEM_PREFETCH = {"xla_vf_vmem_memory_space_assignment": False}
+
+
 def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, task: str = "train", seq: int = 4096,
          batch: int = 8, remat: str = "full", dtype: str = "bfloat16", loss_chunk: int = 0, lora_rank: int = 16,
          base_dtype: str = "bfloat16", scan: bool = False, optimizer_dtype: str = "float32",
@@ -183,8 +189,7 @@ def plan(config: ChameleonConfig, topology: str, mesh: Mapping[str, int], *, tas
     """Compile ``task`` for ``topology`` on abstract params and return its per-device memory figures.
 
     ``compiler_options``: XLA / libtpu options for this compile (``jax.stages.Lowered.compile``'s), e.g.
-    ``{"xla_vf_vmem_memory_space_assignment": False}`` (v5e: no prefetching into VMEM, so the cost
-    analysis counts each HBM byte once instead of also counting every prefetch copy)."""
+    :data:`NO_VMEM_PREFETCH`."""
     from .model.decoder import Chameleon
     from .training.config import TrainConfig
     from .training.lora import LoraConfig

@@ -121,12 +121,11 @@ def hf_dir(tmp_path):
     return tmp_path / "hf"
 
 
-def child_env(**extra) -> dict:
+def child_env() -> dict:
     """os.environ for a child process that picks its own device count: without JAX_NUM_CPU_DEVICES and
-    any XLA_FLAGS but the compile settings above, plus ``extra``."""
+    any XLA_FLAGS but the compile settings above."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env["XLA_FLAGS"] = TEST_XLA_FLAGS
-    env.update(extra)
     return env
 
 

@@ -185,12 +185,12 @@ def test_decode_step_reads_fewer_bytes_on_tpu():
     into VMEM and counts each prefetch as another read and write) and with VMEM prefetching off (each HBM
     byte counted once). The README gives the 7B numbers."""
     pytest.importorskip("libtpu", reason="needs the tpu-aot extra (libtpu) to compile for a TPU topology")
-    from chameleon_jax.plan import plan
+    from chameleon_jax.plan import NO_VMEM_PREFETCH, plan
 
     cfg = cj.load_preset("chameleon-7b").replace(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
                                                  num_attention_heads=8, num_key_value_heads=8, vocab_size=16384)
     moved = {}
-    for prefetch, opts in (("prefetch", None), ("no prefetch", {"xla_vf_vmem_memory_space_assignment": False})):
+    for prefetch, opts in (("prefetch", None), ("no prefetch", NO_VMEM_PREFETCH)):
         r = {m: plan(cfg, "v5e:2x4", {"tensor": 8}, task="generate", seq=256, batch=1, quantize=m,
                      compiler_options=opts) for m in (None, "int8", "int4")}
         moved[prefetch] = {m: r[m].bytes_accessed / r[None].bytes_accessed for m in ("int8", "int4")}

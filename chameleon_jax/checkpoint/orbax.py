@@ -153,13 +153,11 @@ def read_orbax(directory: str, config: ChameleonConfig, shardings: Mapping | Non
         sharding = shardings[path] if shardings is not None else default
         group = groups.setdefault(path.split("/")[0], {})
         if path in qlayout:
-            n_in, q_shape, s_shape = qlayout[path]
+            n_in, q_shape, s_shape, s_dtype = qlayout[path]
             q_sh = s_sh = sharding
             if isinstance(sharding, jax.sharding.NamedSharding):
                 q_sh, s_sh = quant.q_shardings(sharding, n_in, q_shape)
             group[path + "/q"] = jax.ShapeDtypeStruct(q_shape, quant.q_dtype(qinfo["mode"]), sharding=q_sh)
-            # checkpoints from before int4's 16-bit scales name no scale_dtype: theirs are float32
-            s_dtype = np.dtype(qinfo["params"][path].get("scale_dtype", "float32"))
             group[path + "/scale"] = jax.ShapeDtypeStruct(s_shape, s_dtype, sharding=s_sh)
             continue
         group[path] = jax.ShapeDtypeStruct(sds.shape, stored[path], sharding=sharding)
@@ -178,7 +176,7 @@ def read_orbax(directory: str, config: ChameleonConfig, shardings: Mapping | Non
                 flat[path] = x  # q / scale of a quantized kernel: as stored
                 continue
             flat[path] = x.astype(dtype) if dtype is not None and x.dtype != np.dtype(dtype) else x
-    for path, (n_in, _, _) in qlayout.items():
+    for path, (n_in, _, _, _) in qlayout.items():
         flat[path] = quant.from_stored(flat.pop(path + "/q"), flat.pop(path + "/scale"), qinfo["mode"],
                                        expected[path].shape, n_in)
     if "vq_decoder" not in meta and config.vq_config is not None:
@@ -228,9 +226,9 @@ def stored_quantization(directory: str, meta: Mapping | None = None) -> dict | N
 
 
 def _quantized_layout(directory: str, qinfo: Mapping, expected: Mapping) -> dict[str, tuple]:
-    """{path: (n_in, q shape, scale shape)} of the quantized kernels, checked against the config's
-    params (the entries of quantization.json must be exactly the quantization targets, with the
-    shapes the config and the stored group size imply)."""
+    """{path: (n_in, q shape, scale shape, scale dtype)} of the quantized kernels, checked against the
+    config's params (the entries of quantization.json must be exactly the quantization targets, with the
+    shapes the config and the stored group size imply; no scale_dtype means float32)."""
     from .. import quant
 
     qpath = os.path.join(directory, QUANT_FILE)
@@ -251,10 +249,12 @@ def _quantized_layout(directory: str, qinfo: Mapping, expected: Mapping) -> dict
             if entry.get(key) != value:
                 raise ChameleonError(f"{qpath}: {path} {key} {entry.get(key)!r}, but the config and group size "
                                      f"{qinfo['group']} imply {value!r}")
-        if entry.get("scale_dtype", "float32") not in ("float32", "bfloat16", "float16"):
-            raise ChameleonError(f"{qpath}: {path} scale_dtype {entry.get('scale_dtype')!r}, expected float32, "
-                                 "bfloat16 or float16")
-        out[path] = (n_in, q_shape, s_shape)
+        # checkpoints from before int4's 16-bit scales name no scale_dtype: theirs are float32
+        s_dtype = entry.get("scale_dtype", "float32")
+        if s_dtype not in ("float32", "bfloat16", "float16"):
+            raise ChameleonError(f"{qpath}: {path} scale_dtype {s_dtype!r}, expected float32, bfloat16 or "
+                                 "float16")
+        out[path] = (n_in, q_shape, s_shape, np.dtype(s_dtype))
     return out
 
 
