@@ -16,7 +16,8 @@ from .checkpoint.orbax import is_orbax_dir, read_orbax
 from .config import ChameleonConfig
 from .errors import ChameleonError
 from .model import Chameleon, causal_mask, default_positions
-from .model.loss import model_loss
+from .model.attention import CAUSAL_BLOCK
+from .model.loss import model_loss, text_columns_ok
 from .sharding import batch_sharding, param_shardings, to_host
 
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -26,6 +27,7 @@ _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
 def _forward(module, params, input_ids, attention_mask, position_ids, pixel_values, suppress_image_tokens,
              hidden_states=False):
     mask = causal_mask(attention_mask)
+    module = module.clone(causal_block=module.causal_block or CAUSAL_BLOCK)  # the mask is causal_mask's
     if hidden_states:  # Chameleon.hidden_states sows them into "intermediates"
         (logits, _), state = module.apply(
             {"params": params}, input_ids, position_ids, mask, pixel_values,
@@ -391,8 +393,12 @@ class ChameleonModel:
         key = (loss_on, bool(image_targets))
         fns = self.__dict__.setdefault("_loss_fns", {})
         if key not in fns:
+            c = self.config
+            head = self.params["embed_tokens"]["embedding"] if c.tie_word_embeddings else self.params["lm_head"]
+            cols = text_columns_ok(c, getattr(head, "sharding", None))
             fns[key] = jax.jit(lambda p, i, l, m, q, x, k, z: model_loss(
-                self.module, p, i, l, m, q, x, loss_mask=k, loss_on=loss_on, image_targets=image_targets, z_loss=z)[0])
+                self.module, p, i, l, m, q, x, loss_mask=k, loss_on=loss_on, image_targets=image_targets, z_loss=z,
+                text_columns=cols)[0])
         ids, labels, mask, pos, lm, pixels = self.put_batch(ids, labels.astype(np.int32), mask, pos,
                                                             lm.astype(np.int32), pixels)
         return float(fns[key](self.params, ids, labels, mask, pos, pixels, lm, jnp.float32(z_loss)))

@@ -27,6 +27,9 @@ from ..errors import ChameleonError
 
 Array = jax.Array
 _NEG = float(np.finfo(np.float32).min)
+# Query rows per block of causal_attention where the loss and full-sequence forwards use it: on a 2-core
+# CPU 128 and 32 rows ran within noise at T=256, and 128 was best at T=1024.
+CAUSAL_BLOCK = 128
 
 
 def _zero_unseen(out: Array, mask: Array) -> Array:
@@ -87,6 +90,29 @@ def chunked_attention(q: Array, key: Array, val: Array, mask: Array, chunk: int,
 
     _, outs = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None, (qs, ms))
     return outs.swapaxes(0, 1).reshape((b, n * chunk) + q.shape[2:])[:, :t]
+
+
+def causal_attention(q: Array, key: Array, val: Array, mask: Array, block: int, dt, impl: Callable = None,
+                     remat: bool = False) -> Array:
+    """Attention for causal masks: each block of ``block`` query rows against only the keys up to the
+    block's end, ``key[:, :, :end]`` (about half the [B, H, T, S] score work and memory of a whole
+    attention at T = S = 1024; on a 2-core CPU fwd+bwd at T=256 ran 38 -> 25 ms, at T=1024 623 ->
+    268 ms). Valid only when the caller knows the mask is causal: query ``t`` (slot ``t`` from 0) sees
+    no key past slot ``t``; then every query's softmax is over the same keys and the numbers equal
+    :func:`attend`'s. ``remat``: recompute each block in the backward pass (training memory, as
+    :func:`chunked_attention`)."""
+    impl = impl or attend
+    t = q.shape[1]
+    outs = []
+    for start in range(0, t, block):
+        end = min(t, start + block)
+
+        def one(qb, kb, vb, mb):
+            return impl(qb, kb, vb, mb, dt)
+
+        fn = jax.checkpoint(one) if remat else one
+        outs.append(fn(q[:, start:end], key[:, :, :end], val[:, :, :end], mask[:, start:end, :end]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def _dot_product_attention(implementation: str):

@@ -27,7 +27,7 @@ import numpy as np
 from ..config import ChameleonConfig
 from ..quant import QArray, matmul as quant_matmul
 from ..errors import ChameleonError
-from .attention import attention_fn, chunked_attention
+from .attention import attention_fn, causal_attention, chunked_attention
 from .scan import scan_layers_apply, stack_layers, unstack_layers  # noqa: F401  (re-exported)
 from .vqvae import VQVAE
 
@@ -184,6 +184,7 @@ class Linear(nn.Module):
 class Attention(nn.Module):
     config: ChameleonConfig
     query_chunk: int = 0  # > 0: attention over query blocks of this many rows (chunked_attention)
+    causal_block: int = 0  # > 0: the mask is causal; attention per query block of this many rows (causal_attention)
 
     @nn.compact
     def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None, layer=None):
@@ -224,11 +225,14 @@ class Attention(nn.Module):
 
         t = q.shape[1]
         key, val = _cast(key, dt), _cast(val, dt)
-        chunk = self.query_chunk
-        if chunk and t > chunk:
-            out = chunked_attention(q, key, val, mask, chunk, dt, attention_fn(c.attention_impl))
+        chunk, impl = self.query_chunk, attention_fn(c.attention_impl)
+        if self.causal_block:
+            block = min(self.causal_block, chunk) if chunk else self.causal_block
+            out = causal_attention(q, key, val, mask, block, dt, impl, remat=bool(chunk) and t > chunk)
+        elif chunk and t > chunk:
+            out = chunked_attention(q, key, val, mask, chunk, dt, impl)
         else:
-            out = attention_fn(c.attention_impl)(q, key, val, mask, dt)
+            out = impl(q, key, val, mask, dt)
         o_bias = 1 if c.attention_bias else 0
         y = Linear("btnh,nhd->btd", (h, dh, d), ("heads", "head_dim", "embed"), o_bias, c.dtype, name="o_proj")(out)
         return y, new_cache
@@ -254,12 +258,13 @@ class DecoderLayer(nn.Module):
 
     config: ChameleonConfig
     query_chunk: int = 0
+    causal_block: int = 0
 
     @nn.compact
     def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None, layer=None):
         c = self.config
         dt = jnp.dtype(c.dtype)
-        attn = Attention(c, self.query_chunk, name="self_attn")
+        attn = Attention(c, self.query_chunk, self.causal_block, name="self_attn")
         mlp = MLP(c, name="mlp")
         norm1 = RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")
         norm2 = RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")
@@ -316,6 +321,10 @@ class Chameleon(nn.Module):
     # remat region: the train step's per-layer FSDP all-gather and LoRA merge (training/step.py).
     layer_params: Callable | None = None
     attention_chunk: int = 0  # > 0: each layer's attention over query blocks of this many rows (training memory)
+    # > 0: the caller promises causal masks (query t at slot t sees no later slot), so attention runs per
+    # block of this many query rows against the keys up to the block's end (model/attention.py's
+    # causal_attention). Set where the mask is built as causal_mask: the loss / train step, full-sequence logits.
+    causal_block: int = 0
 
     def setup(self):
         c = self.config
@@ -333,9 +342,10 @@ class Chameleon(nn.Module):
         if self.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy])
         if self.scan_layers:  # model/scan.py
-            self.layers = layer_cls(c, self.attention_chunk, name="layers")  # applied by scan_layers_apply
+            self.layers = layer_cls(c, self.attention_chunk, self.causal_block, name="layers")  # applied by scan_layers_apply
         else:
-            self.layers = [layer_cls(c, self.attention_chunk, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+            self.layers = [layer_cls(c, self.attention_chunk, self.causal_block, name=f"layers_{i}")
+                           for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), name="norm")
         if not c.tie_word_embeddings:
             self.lm_head = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))

@@ -14,7 +14,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..errors import ChameleonError
-from ..model.loss import IGNORE_INDEX, forward_loss_sums, resolve_labels, shifted_targets
+from ..model.loss import IGNORE_INDEX, forward_loss_sums, resolve_labels, shifted_targets, text_columns_ok
 from . import lora as lora_lib
 from .config import MESH_KEYS, TrainConfig
 
@@ -211,6 +211,8 @@ def make_train_step(module, tx, tc: TrainConfig, shardings: dict, frozen_shardin
     outer = outer_params_fn(module, full_shardings, mesh)
     offload = any(getattr(s, "memory_kind", None) == "pinned_host" for s in jax.tree.leaves(shardings["opt_state"]))
     device_opt = jax.tree.map(lambda s: s.with_memory_kind("device"), shardings["opt_state"])
+    head_sh = full_shardings["embed_tokens"]["embedding"] if config.tie_word_embeddings else full_shardings.get("lm_head")
+    text_columns = text_columns_ok(config, head_sh)
 
     def combine(params, frozen):
         """The full param tree the module applies: the layers' own gather / LoRA merge happen per layer
@@ -222,7 +224,7 @@ def make_train_step(module, tx, tc: TrainConfig, shardings: dict, frozen_shardin
     def micro_loss(params, frozen, mb, denom):
         nll, z, count = forward_loss_sums(module, combine(params, frozen), mb["input_ids"], mb["labels"],
                                           mb["attention_mask"], image_targets=image_targets,
-                                          loss_chunk=tc.loss_chunk)
+                                          loss_chunk=tc.loss_chunk, text_columns=text_columns)
         return (nll + zc * z) / denom, (nll, z)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
