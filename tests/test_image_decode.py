@@ -111,8 +111,9 @@ def test_hf_dir_with_decoder_decodes_like_janus_and_vqvae(world, model):
     # the same as the Linen VQVAE applied to the loaded vqmodel params and the codes
     direct = jax.jit(lambda p, c: VQVAE(config.vq_config).apply({"params": p}, c, method=VQVAE.decode))
     np.testing.assert_allclose(pixels, np.asarray(direct(model.params["vqmodel"], codes)), rtol=0, atol=1e-6)
-    # one image as a 1-D row, ids of any integer dtype
-    np.testing.assert_array_equal(model.decode_pixels(ids[1].astype(np.int64)), pixels[1:])
+    # one image as a 1-D row, ids of any integer dtype (a batch of 1 may take other conv kernels than a
+    # batch of 2: equal to fp32 rounding, 6.9e-7 seen on an AMD EPYC host, bit-equal on Sapphire Rapids)
+    np.testing.assert_allclose(model.decode_pixels(ids[1].astype(np.int64)), pixels[1:], rtol=0, atol=1e-6)
 
 
 def test_decode_on_a_mesh_equals_one_device(world, model):
