@@ -41,6 +41,7 @@ import numpy as np
 
 from ..config import ChameleonConfig
 from ..model import Chameleon, cache_mask, causal_mask, default_positions, init_cache
+from ..model.attention import CAUSAL_BLOCK
 from ..errors import ChameleonError
 from .heads import VocabHead, guide
 from .processors import GenerationSettings, Mode, choose_tokens
@@ -218,7 +219,7 @@ class Generator:
     def _next_impl(self, params, blocks, ids, mask, pixels, image_order, s_text, s_image, *, modality, streams):
         ids = self._merge_images(params, ids, pixels, image_order)
         logits, _ = self._forward(params, blocks, ids, default_positions(mask), causal_mask(mask), None, None,
-                                  modality)
+                                  modality, causal=True)
         return guide(logits, streams, s_text, s_image)
 
     def _merge_images(self, params, ids, pixels, image_order):
@@ -228,10 +229,13 @@ class Generator:
         return self.module.apply({"params": params}, ids, image_ids[image_order], method=Chameleon.merge_image_tokens)
 
     # ---------------------------------------------------------------- device side
-    def _forward(self, params, blocks, ids, positions, mask, cache, index, modality):
-        """The model on [R, T] tokens -> (logits of the last position [R, Vh] fp32, cache)."""
-        hidden, cache = self.module.apply({"params": params}, ids, positions, mask, None, cache, index,
-                                          method=Chameleon.hidden_states)
+    def _forward(self, params, blocks, ids, positions, mask, cache, index, modality, causal=False):
+        """The model on [R, T] tokens -> (logits of the last position [R, Vh] fp32, cache). ``causal``: the
+        queries sit at slots 0..T-1 under a causal mask (a prefill, a whole-prompt forward), so attention
+        may skip each query block's later keys (``Chameleon.causal_block``); never for a decode step."""
+        module = self.module.clone(causal_block=self.module.causal_block or CAUSAL_BLOCK) if causal else self.module
+        hidden, cache = module.apply({"params": params}, ids, positions, mask, None, cache, index,
+                                     method=Chameleon.hidden_states)
         return self.head(modality)(hidden[:, -1], blocks), cache
 
     def _choose(self, logits, plan: Plan, knobs, step, seen):
@@ -249,7 +253,7 @@ class Generator:
         cache = init_cache(self.config, r, s, stacked=self.module.scan_layers)
         kv_valid = jnp.zeros((r, s), bool).at[:, :t].set(mask > 0)
         logits, cache = self._forward(params, blocks, ids, default_positions(mask),
-                                      cache_mask(kv_valid, 0, t), cache, 0, plan.modality)
+                                      cache_mask(kv_valid, 0, t), cache, 0, plan.modality, causal=True)
         seen = None
         if plan.mode.use_penalty:
             # transformers' generate skips each row's left padding (RepetitionPenaltyLogitsProcessor's
