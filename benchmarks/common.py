@@ -95,7 +95,11 @@ def median_spread(xs):
     return statistics.median(xs), min(xs), max(xs)
 
 
-def timed(fn):
+def timed(fn, pause: float = 0.0):
+    """(seconds, result) of ``fn()``, after ``pause`` seconds of sleep: torch's and XLA's worker threads
+    spin for a while after their work and would steal the cores from whatever runs next."""
+    if pause:
+        time.sleep(pause)
     t = time.perf_counter()
     out = fn()
     return time.perf_counter() - t, out

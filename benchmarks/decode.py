@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
     p.add_argument("--reps", type=int, default=7, help="timed runs per side and case (alternating)")
     p.add_argument("--no-image", action="store_true", help="skip the image-prompt prefill case")
+    p.add_argument("--pause", type=float, default=0.5,
+                   help="seconds of sleep before each timed call (the other runtime's threads go idle)")
     args = p.parse_args(argv)
 
     import jax
@@ -96,9 +98,9 @@ def main(argv=None) -> int:
         hf_generate(ids, mask, args.new)  # warm-up
         t_hf, t_ours = [], []
         for _ in range(args.reps):
-            dt, ref = timed(lambda: hf_generate(ids, mask, args.new))
+            dt, ref = timed(lambda: hf_generate(ids, mask, args.new), args.pause)
             t_hf.append(dt)
-            dt, got = timed(lambda: ours(ids, mask, args.new))
+            dt, got = timed(lambda: ours(ids, mask, args.new), args.pause)
             t_ours.append(dt)
         same = bool(np.array_equal(ref, got))
         compile_s -= statistics.median(t_ours)
@@ -146,16 +148,16 @@ def main(argv=None) -> int:
         hf_generate(ids, mask, 1, pixels)
         t_hf, t_ours = [], []
         for _ in range(args.reps):
-            t_hf.append(timed(lambda: hf_generate(ids, mask, 1, pixels))[0])
-            t_ours.append(timed(lambda: ours(ids, mask, 1, pixels))[0])
+            t_hf.append(timed(lambda: hf_generate(ids, mask, 1, pixels), args.pause)[0])
+            t_ours.append(timed(lambda: ours(ids, mask, 1, pixels), args.pause)[0])
         hf_med, hf_lo, hf_hi = median_spread(t_hf)
         our_med, our_lo, our_hi = median_spread(t_ours)
         model.image_tokens(pixels)
         vq_hf, vq_ours = [], []
         for _ in range(args.reps):
             with torch.inference_mode():
-                vq_hf.append(timed(lambda: hf.model.get_image_tokens(torch.tensor(pixels)))[0])
-            vq_ours.append(timed(lambda: model.image_tokens(pixels))[0])
+                vq_hf.append(timed(lambda: hf.model.get_image_tokens(torch.tensor(pixels)), args.pause)[0])
+            vq_ours.append(timed(lambda: model.image_tokens(pixels), args.pause)[0])
         print(f"\nimage prompt prefill: 1 image {r}x{r} ({c.vq_config.tokens_per_image} tokens) + "
               f"{args.prompt} text tokens = {ids.shape[1]} tokens, batch 1, 1 new token")
         print(f"  transformers:  {1000 * hf_med:7.1f} ms (range {1000 * hf_lo:.0f}..{1000 * hf_hi:.0f})")
