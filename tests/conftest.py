@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 simulated devices for the sharding tests; single-device tests use device 0 as usual.
@@ -13,6 +15,12 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 # the same IEEE arithmetic (no fast-math either way). Subprocesses the tests start inherit them.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+# One persistent compilation cache per test run, shared by the xdist workers (they inherit the controller's
+# environment) and by the processes the tests start: many tests build the same small models and compile
+# the same programs. Removed when the run ends (pytest_sessionfinish).
+TEST_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"chameleon-jax-test-jit-cache-{os.getpid()}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", TEST_CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import numpy as np
 import pytest
@@ -139,3 +147,8 @@ def fail_on_call(fn, n: int, error: Exception | None = None):
 
     flaky.calls = 0  # how often it was called
     return flaky
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a run without xdist) owns the cache
+        shutil.rmtree(TEST_CACHE_DIR, ignore_errors=True)

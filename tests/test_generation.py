@@ -65,6 +65,23 @@ def mha(tmp_path_factory):
 # ------------------------------------------------------------------------ parity with transformers
 
 
+def test_long_prompt_prefill_matches_transformers(mha):
+    """A prompt past CAUSAL_BLOCK (the prefill's attention runs per query block against the keys up to
+    the block's end; its last layer computes the last position only), left-padded: greedy tokens and
+    next-token logits equal transformers'."""
+    from chameleon_jax.model.attention import CAUSAL_BLOCK
+
+    hf, model = mha
+    ids, mask = left_pad([text_ids(CAUSAL_BLOCK + 40, seed=5), text_ids(CAUSAL_BLOCK + 7, seed=6)])
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=4), hf_generate(hf, ids, mask, new=4))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, -1].numpy()
+    got = model.logits(ids, mask)[:, -1]
+    text = ref > -1e30  # image-token columns sit at the fp32 min on both sides
+    assert np.array_equal(got > -1e30, text)
+    assert float(np.abs(got - ref)[text].max()) <= 1e-4 * float(np.abs(ref[text]).max())
+
+
 @pytest.mark.parametrize("name", ["mha", "gqa_swin_tied"])
 def test_greedy_matches_transformers_with_early_eos(tmp_path, mha, name):
     if name == "mha":

@@ -3,7 +3,7 @@ in a subprocess. convert/export: after each kill the old DST is unchanged, and t
 temp dirs. train: the last complete checkpoint restores and the resumed run ends bit-exactly where an
 uninterrupted run does (losses, params, optimizer state, metrics.jsonl), leaving no temp dirs.
 
-Default tier: 5 kill points per operation (train: 1); ``-m slow`` (or CHAMELEON_JAX_KILL_POINTS=N): 20 or N.
+Default tier: 3 kill points per operation (train: 1); ``-m slow`` (or CHAMELEON_JAX_KILL_POINTS=N): 20 or N.
 The batch job named in the issue does not exist, so it has no campaign.
 """
 
@@ -93,7 +93,7 @@ def _n(default):
     return int(os.environ.get("CHAMELEON_JAX_KILL_POINTS", default))
 
 
-@pytest.mark.parametrize("tier", [pytest.param(5, id="default"), pytest.param(20, id="full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tier", [pytest.param(3, id="default"), pytest.param(20, id="full", marks=pytest.mark.slow)])
 def test_kill_convert(src, tmp_path, tier):
     dst = str(tmp_path / "out")
     convert(str(src), dst, progress=False)
@@ -101,7 +101,7 @@ def test_kill_convert(src, tmp_path, tier):
     assert survived == tried
 
 
-@pytest.mark.parametrize("tier", [pytest.param(5, id="default"), pytest.param(20, id="full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tier", [pytest.param(3, id="default"), pytest.param(20, id="full", marks=pytest.mark.slow)])
 def test_kill_export(src, tmp_path, tier):
     conv = str(tmp_path / "conv")
     convert(str(src), conv, progress=False)

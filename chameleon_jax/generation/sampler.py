@@ -234,7 +234,7 @@ class Generator:
         queries sit at slots 0..T-1 under a causal mask (a prefill, a whole-prompt forward), so attention
         may skip each query block's later keys (``Chameleon.causal_block``); never for a decode step."""
         module = self.module.clone(causal_block=self.module.causal_block or CAUSAL_BLOCK) if causal else self.module
-        hidden, cache = module.apply({"params": params}, ids, positions, mask, None, cache, index,
+        hidden, cache = module.apply({"params": params}, ids, positions, mask, None, cache, index, ids.shape[1] > 1,
                                      method=Chameleon.hidden_states)
         return self.head(modality)(hidden[:, -1], blocks), cache
 

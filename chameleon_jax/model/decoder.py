@@ -187,26 +187,31 @@ class Attention(nn.Module):
     causal_block: int = 0  # > 0: the mask is causal; attention per query block of this many rows (causal_attention)
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None, layer=None):
+    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None, layer=None, last_only=False):
         """x: [B, T, D]; mask: [B, T, S] bool. Returns ([B, T, D], new cache entry or None).
 
         ``layer`` (int32 scalar, scanned layers): ``cache`` is the stacked cache [L, B, K, S, Dh] and
-        this layer owns slice ``layer`` of it; the whole stacked cache is returned, updated."""
+        this layer owns slice ``layer`` of it; the whole stacked cache is returned, updated.
+        ``last_only``: keys and values (and the cache) of all T tokens, the query and output of the last
+        one only ([B, 1, D]): the last layer of a prefill, whose other outputs nothing reads."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         h, k, dh, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
         bias = 2 if c.attention_bias else 0
 
-        def proj(name, heads, axis):
-            return Linear("btd,dnh->btnh", (d, heads, dh), ("embed", axis, "head_dim"), bias, c.dtype, name=name)(x)
+        def proj(name, heads, axis, inp):
+            return Linear("btd,dnh->btnh", (d, heads, dh), ("embed", axis, "head_dim"), bias, c.dtype, name=name)(inp)
 
-        q = proj("q_proj", h, "heads")
-        key = proj("k_proj", k, "kv_heads")
-        val = proj("v_proj", k, "kv_heads")
+        q_pos = positions[:, -1:] if last_only else positions
+        q = proj("q_proj", h, "heads", x[:, -1:] if last_only else x)
+        key = proj("k_proj", k, "kv_heads", x)
+        val = proj("v_proj", k, "kv_heads", x)
         q = HeadLayerNorm(h, dh, c.qk_norm_eps, ("heads", "head_dim"), name="q_norm")(q)
         key = HeadLayerNorm(k, dh, c.qk_norm_eps, ("kv_heads", "head_dim"), name="k_norm")(key)
-        q = apply_rope(q, positions, inv_freq)
+        q = apply_rope(q, q_pos, inv_freq)
         key = apply_rope(key, positions, inv_freq)
+        if last_only:
+            mask = mask[:, -1:]
 
         key, val = key.swapaxes(1, 2), val.swapaxes(1, 2)  # heads-major [B, K, T, Dh], the cache's layout
         new_cache = None
@@ -226,7 +231,9 @@ class Attention(nn.Module):
         t = q.shape[1]
         key, val = _cast(key, dt), _cast(val, dt)
         chunk, impl = self.query_chunk, attention_fn(c.attention_impl)
-        if self.causal_block:
+        if last_only:  # one query row (not at slot 0): the whole attention
+            out = impl(q, key, val, mask, dt)
+        elif self.causal_block:
             block = min(self.causal_block, chunk) if chunk else self.causal_block
             out = causal_attention(q, key, val, mask, block, dt, impl, remat=bool(chunk) and t > chunk)
         elif chunk and t > chunk:
@@ -261,20 +268,22 @@ class DecoderLayer(nn.Module):
     causal_block: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None, layer=None):
+    def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None, layer=None, last_only=False):
+        """``last_only``: the output of the last position only, [B, 1, D] (Attention's ``last_only``)."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         attn = Attention(c, self.query_chunk, self.causal_block, name="self_attn")
         mlp = MLP(c, name="mlp")
         norm1 = RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")
         norm2 = RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")
+        res = x[:, -1:] if last_only else x
         if c.swin_norm:
-            a, new_cache = attn(x, positions, mask, inv_freq, cache, cache_index, layer)
-            x = x + norm1(a)
+            a, new_cache = attn(x, positions, mask, inv_freq, cache, cache_index, layer, last_only)
+            x = res + norm1(a)
             x = x + norm2(mlp(x))
         else:
-            a, new_cache = attn(norm1(x), positions, mask, inv_freq, cache, cache_index, layer)
-            x = x + a
+            a, new_cache = attn(norm1(x), positions, mask, inv_freq, cache, cache_index, layer, last_only)
+            x = res + a
             x = x + mlp(norm2(x))
         return x, new_cache
 
@@ -370,10 +379,13 @@ class Chameleon(nn.Module):
         hidden, new_cache = self.hidden_states(input_ids, positions, mask, pixel_values, cache, cache_index)
         return self.logits(hidden, suppress_image_tokens), new_cache
 
-    def hidden_states(self, input_ids, positions, mask, pixel_values=None, cache=None, cache_index=None):
+    def hidden_states(self, input_ids, positions, mask, pixel_values=None, cache=None, cache_index=None,
+                      last_only=False):
         """Like ``__call__`` without the LM head: (final-norm hidden states [B, T, D], cache).
 
-        The decode loop calls this and applies its own head to the last position only. Applied
+        The decode loop calls this and applies its own head to the last position only; with
+        ``last_only`` (a prefill) the last layer computes that position only and [B, 1, D] comes back
+        (the cache still gets every position; scanned layers compute them all). Applied
         with ``mutable=["intermediates"]`` it also sows transformers' ``output_hidden_states``
         tuple as ``intermediates/hidden_states``: the embeddings, each layer's output but the last,
         and the final-norm output (num_hidden_layers + 1 arrays [B, T, D]); otherwise nothing.
@@ -394,7 +406,10 @@ class Chameleon(nn.Module):
         for i, layer in enumerate(self.layers):
             self.sow("intermediates", "hidden_states", x)
             name = f"layers_{i}"
-            x, layer_cache = layer(x, positions, mask, inv_freq, None if cache is None else cache[name], cache_index)
+            # (last_only goes in only where set: under nn.remat a Python bool argument would be traced)
+            last = (None, True) if last_only and i == len(self.layers) - 1 else ()
+            x, layer_cache = layer(x, positions, mask, inv_freq, None if cache is None else cache[name], cache_index,
+                                   *last)
             if cache is not None:
                 new_cache[name] = layer_cache
         out = self.norm(x)
