@@ -1,4 +1,5 @@
-"""Chameleon decoder: RMSNorm, per-head qk-LayerNorm, RoPE, GQA attention with a KV cache, SwiGLU.
+"""Chameleon decoder: GQA attention with a KV cache, SwiGLU MLP, the layers, embeddings and LM head
+(its building blocks, RMSNorm, per-head qk-LayerNorm, RoPE and the 2-D projections, are in layers.py).
 
 Shapes in docstrings: B batch, T query length, S key length (cache slots), D hidden, H heads,
 K kv heads, G = H // K, Dh head dim, M mlp width, V vocab.
@@ -16,7 +17,6 @@ KV-cache contract (shared by the full forward, prefill and one-token decode):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import flax.linen as nn
@@ -28,29 +28,13 @@ from ..config import ChameleonConfig
 from ..quant import QArray, matmul as quant_matmul
 from ..errors import ChameleonError
 from .attention import attention_fn, causal_attention, chunked_attention
+from .layers import (  # noqa: F401  (RMSNorm, HeadLayerNorm, RoPE, matmul_2d re-exported)
+    HeadLayerNorm, Linear, RMSNorm, _cast, _weight, apply_rope, matmul_2d, rope_inv_freq,
+)
 from .scan import scan_layers_apply, stack_layers, unstack_layers  # noqa: F401  (re-exported)
 from .vqvae import VQVAE
 
 Array = jax.Array
-
-
-def _param(mod: nn.Module, name: str, shape, axes, init=nn.initializers.normal(0.02)):
-    """A parameter carrying logical axis names (mapped to mesh axes by sharding.py)."""
-    return mod.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
-
-
-def _weight(mod: nn.Module, name: str, shape, axes):
-    """A matrix param, or the :class:`~chameleon_jax.quant.QArray` stored in its place (its layout
-    differs from ``shape``, so it bypasses the param's shape check)."""
-    if mod.has_variable("params", name):
-        value = mod.get_variable("params", name)
-        if isinstance(value, QArray):
-            return value
-    return _param(mod, name, shape, axes)
-
-
-def _cast(x: Array, dtype) -> Array:
-    return x if x.dtype == dtype else x.astype(dtype)
 
 
 def causal_mask(attention_mask: Array) -> Array:
@@ -75,110 +59,6 @@ def cache_mask(kv_valid: Array, cache_index: Array, num_queries: int) -> Array:
 def default_positions(attention_mask: Array) -> Array:
     """Positions counted from each row's first real token (left padding changes nothing)."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def rope_inv_freq(config: ChameleonConfig, positions: Array) -> Array:
-    """[Dh/2] inverse frequencies, as transformers computes them (default, linear, dynamic).
-
-    Dynamic NTK scaling depends on the longest position in this call (max(positions) + 1), like
-    transformers' forward; unlike transformers it keeps no state between calls.
-    """
-    dim = config.head_dim
-    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
-    base = jnp.float32(config.rope_theta)
-    if config.rope_type == "dynamic":
-        max_pos = config.max_position_embeddings
-        seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
-        factor = config.rope_factor
-        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
-    inv_freq = 1.0 / (base**exponents)
-    if config.rope_type == "linear":
-        inv_freq = inv_freq / config.rope_factor
-    return inv_freq
-
-
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotate-half RoPE. x: [B, T, N, Dh]; positions: [B, T]."""
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    eps: float
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (_cast(scale, self.dtype) * y.astype(self.dtype)).astype(self.dtype)
-
-
-class HeadLayerNorm(nn.Module):
-    """LayerNorm over head_dim with a separate affine per head: params [N, Dh]."""
-
-    num_heads: int
-    head_dim: int
-    eps: float
-    axes: tuple[str, str]
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:  # [B, T, N, Dh]
-        shape = (self.num_heads, self.head_dim)
-        scale = _param(self, "scale", shape, self.axes, nn.initializers.ones)
-        bias = _param(self, "bias", shape, self.axes, nn.initializers.zeros)
-        xf = x.astype(jnp.float32)
-        # means over the short head_dim as matvecs with a 1/Dh vector: XLA:CPU runs a reduce over a
-        # 32..128-wide minor dim element by element, the dot vectorized (~8% of a CPU train step)
-        avg = jnp.full((self.head_dim, 1), 1.0 / self.head_dim, jnp.float32)
-        mean = jnp.dot(xf, avg, precision=jax.lax.Precision.HIGHEST)
-        centered = xf - mean
-        var = jnp.dot(centered * centered, avg, precision=jax.lax.Precision.HIGHEST)
-        y = centered * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-
-
-def matmul_2d(x: Array, w: Array, n_in: int, out_dtype=None) -> Array:
-    """Contract x's trailing ``n_in`` dims with w's leading ``n_in`` dims as one 2-D matmul.
-
-    Same result as the einsum; as a plain [N, in] @ [in, out] its backward pass avoids the
-    transposed copies XLA's CPU backend makes for the 3-D einsum (~25% of a train step).
-    """
-    lead, tail = x.shape[: x.ndim - n_in], w.shape[n_in:]
-    k = math.prod(w.shape[:n_in])
-    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
-    return y.reshape(lead + tail)
-
-
-class Linear(nn.Module):
-    """An einsum-shaped projection: ``kernel`` of ``shape`` with logical ``axes``, optional bias."""
-
-    spec: str
-    shape: tuple[int, ...]
-    axes: tuple[str, ...]
-    bias_ndim: int = 0  # 0: no bias; else the bias is the kernel's trailing bias_ndim dims
-    dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        dt = jnp.dtype(self.dtype)
-        kernel = _weight(self, "kernel", self.shape, self.axes)
-        lhs, kern = self.spec.split("->")[0].split(",")
-        n_in = sum(ch in lhs for ch in kern)  # leading kernel dims contracted with x's trailing dims
-        if isinstance(kernel, QArray):  # weight-only int8/int4 (chameleon_jax/quant.py)
-            y = quant_matmul(x, kernel, dt)
-        else:
-            y = matmul_2d(_cast(x, dt), _cast(kernel, dt), n_in)
-        if self.bias_ndim:
-            shape, axes = self.shape[-self.bias_ndim :], self.axes[-self.bias_ndim :]
-            y = y + _cast(_param(self, "bias", shape, axes, nn.initializers.zeros), dt)
-        return y
 
 
 class Attention(nn.Module):
