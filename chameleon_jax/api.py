@@ -16,7 +16,6 @@ from .checkpoint.orbax import is_orbax_dir, read_orbax
 from .config import ChameleonConfig
 from .errors import ChameleonError
 from .model import Chameleon, causal_mask, default_positions
-from .model.attention import CAUSAL_BLOCK
 from .model.loss import model_loss, text_columns_ok
 from .sharding import batch_sharding, param_shardings, to_host
 
@@ -27,7 +26,7 @@ _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
 def _forward(module, params, input_ids, attention_mask, position_ids, pixel_values, suppress_image_tokens,
              hidden_states=False):
     mask = causal_mask(attention_mask)
-    module = module.clone(causal_block=module.causal_block or CAUSAL_BLOCK)  # the mask is causal_mask's
+    module = module.causal()  # the mask is causal_mask's
     if hidden_states:  # Chameleon.hidden_states sows them into "intermediates"
         (logits, _), state = module.apply(
             {"params": params}, input_ids, position_ids, mask, pixel_values,
@@ -393,9 +392,7 @@ class ChameleonModel:
         key = (loss_on, bool(image_targets))
         fns = self.__dict__.setdefault("_loss_fns", {})
         if key not in fns:
-            c = self.config
-            head = self.params["embed_tokens"]["embedding"] if c.tie_word_embeddings else self.params["lm_head"]
-            cols = text_columns_ok(c, getattr(head, "sharding", None))
+            cols = text_columns_ok(self.config, self.params)
             fns[key] = jax.jit(lambda p, i, l, m, q, x, k, z: model_loss(
                 self.module, p, i, l, m, q, x, loss_mask=k, loss_on=loss_on, image_targets=image_targets, z_loss=z,
                 text_columns=cols)[0])

@@ -122,9 +122,11 @@ def test_text_columns_only_where_the_head_is_whole_along_the_vocabulary(tiny):
 
     config = tiny[0].config
     mesh = make_mesh(1, 2, 2, devices=jax.devices()[:4])
-    assert text_columns_ok(config, None)
-    assert text_columns_ok(config, NamedSharding(mesh, P("fsdp", None)))
-    assert not text_columns_ok(config, NamedSharding(mesh, P(None, "tensor")))
+    assert text_columns_ok(config, {})
+    assert text_columns_ok(config, {"lm_head": NamedSharding(mesh, P("fsdp", None))})
+    assert not text_columns_ok(config, {"lm_head": NamedSharding(mesh, P(None, "tensor"))})
     tied = config.replace(tie_word_embeddings=True)  # the head is the embeddings [V, D]
-    assert not text_columns_ok(tied, NamedSharding(mesh, P("tensor", None)))
-    assert text_columns_ok(tied, NamedSharding(mesh, P(None, "fsdp")))
+    assert not text_columns_ok(tied, {"embed_tokens": {"embedding": NamedSharding(mesh, P("tensor", None))}})
+    assert text_columns_ok(tied, {"embed_tokens": {"embedding": NamedSharding(mesh, P(None, "fsdp"))}})
+    sharded = jax.device_put(np.zeros((32, 256), np.float32), NamedSharding(mesh, P(None, "tensor")))
+    assert not text_columns_ok(config, {"lm_head": sharded})  # params (arrays) work as well as shardings

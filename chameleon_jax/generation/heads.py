@@ -96,10 +96,14 @@ class VocabHead:
         # More than one row: the block gets a unit batch dim, with which XLA:CPU runs the product as
         # [Vh/c, D] x [D, R] (the rows on the narrow side) and transposes the small result: batch-3 / 8 / 16
         # decode 17% / 14% / 18% faster on a 2-core AMD EPYC host; one row is a matvec either way.
-        spec = "bd,gvd->gbv" if x.shape[0] > 1 else "bd,vd->bv"
-        parts = [quant.matmul(x, w, dt, jnp.float32) if isinstance(w, QArray)
-                 else jnp.einsum(spec, x, w[None] if x.shape[0] > 1 else w, preferred_element_type=jnp.float32)
-                 .reshape(x.shape[0], -1) for w in blocks]
+        def product(w):
+            if isinstance(w, QArray):
+                return quant.matmul(x, w, dt, jnp.float32)
+            if x.shape[0] > 1:
+                return jnp.einsum("bd,gvd->gbv", x, w[None], preferred_element_type=jnp.float32)[0]
+            return jnp.einsum("bd,vd->bv", x, w, preferred_element_type=jnp.float32)
+
+        parts = [product(w) for w in blocks]
         return jnp.concatenate(parts, axis=-1)[:, : self.size]
 
 

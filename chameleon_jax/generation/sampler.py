@@ -41,7 +41,6 @@ import numpy as np
 
 from ..config import ChameleonConfig
 from ..model import Chameleon, cache_mask, causal_mask, default_positions, init_cache
-from ..model.attention import CAUSAL_BLOCK
 from ..errors import ChameleonError
 from .heads import VocabHead, guide
 from .processors import GenerationSettings, Mode, choose_tokens
@@ -233,7 +232,7 @@ class Generator:
         """The model on [R, T] tokens -> (logits of the last position [R, Vh] fp32, cache). ``causal``: the
         queries sit at slots 0..T-1 under a causal mask (a prefill, a whole-prompt forward), so attention
         may skip each query block's later keys (``Chameleon.causal_block``); never for a decode step."""
-        module = self.module.clone(causal_block=self.module.causal_block or CAUSAL_BLOCK) if causal else self.module
+        module = self.module.causal() if causal else self.module
         hidden, cache = module.apply({"params": params}, ids, positions, mask, None, cache, index, ids.shape[1] > 1,
                                      method=Chameleon.hidden_states)
         return self.head(modality)(hidden[:, -1], blocks), cache

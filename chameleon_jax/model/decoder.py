@@ -27,7 +27,7 @@ import numpy as np
 from ..config import ChameleonConfig
 from ..quant import QArray, matmul as quant_matmul
 from ..errors import ChameleonError
-from .attention import attention_fn, causal_attention, chunked_attention
+from .attention import CAUSAL_BLOCK, attention_fn, causal_attention, chunked_attention
 from .layers import (  # noqa: F401  (RMSNorm, HeadLayerNorm, RoPE, matmul_2d re-exported)
     HeadLayerNorm, Linear, RMSNorm, _cast, _weight, apply_rope, matmul_2d, rope_inv_freq,
 )
@@ -317,6 +317,10 @@ class Chameleon(nn.Module):
         is_slot = flat == placeholder
         order = jnp.clip(jnp.cumsum(is_slot) - 1, 0, image_ids.size - 1)
         return jnp.where(is_slot, image_ids.reshape(-1)[order], flat).reshape(input_ids.shape)
+
+    def causal(self) -> "Chameleon":
+        """This module for callers whose masks are causal (``causal_block`` set, CAUSAL_BLOCK by default)."""
+        return self.clone(causal_block=self.causal_block or CAUSAL_BLOCK)
 
     def head_weight(self) -> Array:
         """The LM head [D, V] in the compute dtype (the embeddings transposed when tied)."""

@@ -15,7 +15,6 @@ import numpy as np
 
 from ..errors import ChameleonError
 from ..quant import QArray
-from .attention import CAUSAL_BLOCK
 from .decoder import Chameleon, causal_mask, default_positions, head_logits, matmul_2d
 
 IGNORE_INDEX = -100
@@ -94,9 +93,12 @@ def _text_runs(config) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
-def text_columns_ok(config, head_sharding) -> bool:
+def text_columns_ok(config, tree) -> bool:
     """Whether :func:`head_sums` may slice the LM head by vocabulary columns: not when the head is split
-    over devices along the vocabulary (tensor parallel), where the unaligned slice would reshard it."""
+    over devices along the vocabulary (tensor parallel), where the unaligned slice would reshard it.
+    ``tree``: the params (arrays) or their shardings; the head is its lm_head, or the embeddings when tied."""
+    head = tree.get("embed_tokens", {}).get("embedding") if config.tie_word_embeddings else tree.get("lm_head")
+    head_sharding = getattr(head, "sharding", head)
     if head_sharding is None or not hasattr(head_sharding, "shard_shape"):
         return True
     d, v = config.hidden_size, config.vocab_size
@@ -169,7 +171,7 @@ def forward_loss_sums(module, params, input_ids, labels, attention_mask, positio
     if positions is None:
         positions = default_positions(attention_mask)
     mask = causal_mask(attention_mask)
-    module = module.clone(causal_block=module.causal_block or CAUSAL_BLOCK)  # the mask is causal_mask's
+    module = module.causal()  # the mask is causal_mask's
     variables = {"params": params}
     hidden, _ = module.apply(variables, input_ids, positions, mask, method=Chameleon.hidden_states)
     head = module.apply(variables, method=Chameleon.head_weight)

@@ -211,8 +211,7 @@ def make_train_step(module, tx, tc: TrainConfig, shardings: dict, frozen_shardin
     outer = outer_params_fn(module, full_shardings, mesh)
     offload = any(getattr(s, "memory_kind", None) == "pinned_host" for s in jax.tree.leaves(shardings["opt_state"]))
     device_opt = jax.tree.map(lambda s: s.with_memory_kind("device"), shardings["opt_state"])
-    head_sh = full_shardings["embed_tokens"]["embedding"] if config.tie_word_embeddings else full_shardings.get("lm_head")
-    text_columns = text_columns_ok(config, head_sh)
+    text_columns = text_columns_ok(config, full_shardings)
 
     def combine(params, frozen):
         """The full param tree the module applies: the layers' own gather / LoRA merge happen per layer
