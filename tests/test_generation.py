@@ -16,6 +16,7 @@ from chameleon_jax.generation.processors import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    argmax_rows,
     choose_tokens,
     safe_softmax,
     sample_from_logits,
@@ -323,6 +324,21 @@ def test_min_new_tokens_suppresses_stop_ids_exactly_that_long():
                  seed=np.uint32(0), min_new=np.int32(5), stop_ids=stop_ids)
     for step, want in ((0, 3), (4, 3), (5, 1), (9, 1)):
         assert int(choose_tokens(logits, Mode(), knobs, np.int32(step), None)[0]) == want, step
+
+
+@pytest.mark.parametrize("width", [5, 128, 300, 1024])
+def test_blocked_argmax_equals_argmax(width):
+    rng = np.random.default_rng(width)
+    x = rng.integers(-3, 4, (9, width)).astype(np.float32)  # many ties, within and across blocks
+    x[1] = -np.inf                                           # no finite entry: index 0
+    x[2, width // 3] = x[2, -1] = 7.0                        # the first of two maxima
+    x[3, -1] = 9.0                                           # the max in the last (partial) block
+    x[4, :] = 2.0                                            # all tied: index 0
+    x[5, 0] = np.inf
+    x[6, width // 2:] = np.inf                               # first +inf
+    got = np.asarray(jax.jit(argmax_rows)(x))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))  # numpy: the first max
 
 
 def test_top_p_boundary_follows_transformers():
