@@ -14,11 +14,12 @@ float: embeddings (a lookup reads one row per token), norms, biases, the VQ-VAE.
 
 Matmul implementations (``QArray.impl``, fixed when the array is made, from the device it is made
 for): ``"xla"`` dequantizes in the matmul's operand and leaves fusion to XLA (TPU and GPU fuse the
-convert into the dot, so the weight bytes read are the integer bytes); ``"blocked"`` (XLA:CPU, which
-does not fuse) walks the contracted dim in blocks (int4: its groups; int8: ``BLOCK`` rows), converting
-one block at a time, and applies the per-channel scales to the output. On this project's 2-core CPU the
-blocked int8 matvec beats fp32 for 7B-sized matrices (4096 x 11008: 1.6x) but not for the 512-wide ones
-of the small benchmark model: XLA:CPU's int8 -> f32 convert, not memory, is then the limit.
+convert into the dot, so the weight bytes read are the integer bytes). ``"cpu"`` (XLA:CPU, which does
+not fuse that convert): with one scale per output channel (int8, and int4 kernels of one group) the
+activations become two int8 rows each (:func:`split_rows`: the rounded value and its residual, error
+<= max|x| / 64516) and one int8 x int8 -> int32 matmul reads the weights as they are; 92M benchmark
+model, batch-1 decode step 1.97x fp32's speed (benchmarks/quant.py). Grouped int4 walks its groups in
+a scan, converting one group at a time (slower than fp32 here: XLA:CPU's int4 -> int8/f32 convert).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from .errors import ChameleonError
 Array = jax.Array
 MODES = ("int8", "int4")
 GROUP = {"int8": 0, "int4": 128}  # contracted rows per scale (0: one scale per output channel)
-BLOCK = 128  # contracted rows per step of the CPU ("blocked") matmul
 _QMAX = {"int8": 127, "int4": 7}
 _TARGET = re.compile(r"^(layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel|lm_head)$")
 
@@ -101,7 +101,7 @@ def group_size(mode: str, k: int, group: int | None = None) -> int:
 
 
 def _impl_for(platform: str | None) -> str:
-    return "blocked" if platform == "cpu" else "xla"
+    return "cpu" if platform == "cpu" else "xla"
 
 
 def scale_dtype(mode: str, from_dtype):
@@ -246,7 +246,9 @@ def matmul(x: Array, w: QArray, dtype, out_dtype=None) -> Array:
     lead, tail = x.shape[: x.ndim - w.n_in], w.shape[w.n_in:]
     groups, g, n = w.q.shape
     x3 = x.reshape(-1, groups, g).astype(dtype)
-    if w.impl == "blocked":
+    if w.impl == "cpu" and groups == 1:
+        y = _int8_dot(x3.reshape(x3.shape[0], g), w)
+    elif w.impl == "cpu":
         y = _blocked(x3, w, dtype)
     elif groups == 1:  # one scale per output channel: scale the output
         y = jnp.einsum("rgk,gkn->rn", x3, w.q.astype(dtype), preferred_element_type=jnp.float32) * w.scale[0]
@@ -256,25 +258,46 @@ def matmul(x: Array, w: QArray, dtype, out_dtype=None) -> Array:
     return y.astype(out_dtype or dtype).reshape(lead + tail)
 
 
-def _blocked(x3: Array, w: QArray, dtype) -> Array:
-    """XLA:CPU path: a scan over blocks of contracted rows, each block of q converted while it is in
-    cache and its group's scales applied to the block's product (per channel: once, at the end)."""
-    groups, g, n = w.q.shape
-    r = x3.shape[0]
-    if groups == 1:
-        bs = math.gcd(g, BLOCK)
-        xb = x3.reshape(r, g // bs, bs).transpose(1, 0, 2)
-        qb = w.q.reshape(g // bs, bs, n)
-        scales = jnp.ones((g // bs, 1), jnp.float32)
-    else:
-        xb, qb, scales = x3.transpose(1, 0, 2), w.q, w.scale
+LO = 254  # the second integer row holds the first row's rounding residual times this
 
+
+def split_rows(x: Array) -> tuple[Array, Array]:
+    """[R, K] float -> (int8 [2R, K], scale [R, 1] float32) with x ~ scale * (hi + lo / LO): ``hi`` =
+    round(x / scale) with scale = max|x| / 127 per row, ``lo`` = round(residual * LO). The error is at
+    most scale / (2 LO) = max|x| / 64516 per entry (finer than bfloat16's 2^-9 relative), far below
+    the int8 weights' own max|w| / 254."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    u = x / scale
+    hi = jnp.round(u)
+    lo = jnp.round((u - hi) * LO)
+    return jnp.concatenate([hi, lo], axis=0).astype(jnp.int8), scale
+
+
+def _int8_dot(x2: Array, w: QArray) -> Array:
+    """XLA:CPU int8 path (one scale per output channel): the activations as two int8 rows each
+    (:func:`split_rows`) against the int8 weights in one integer matmul, int32 accumulators. XLA:CPU
+    has no fused int8 -> float dot, but its library runs int8 x int8 -> int32 products at up to 2.7x
+    the float32 matvec's speed (one weight byte read instead of four), for two rows or more; a single
+    row would take a slow path, so the second (residual) row is also what makes it fast at batch 1.
+    |acc| <= K * 127 * 127 fits int32 for K < 133,000."""
+    r = x2.shape[0]
+    xq, sx = split_rows(x2)
+    acc = jnp.dot(xq, w.q[0], preferred_element_type=jnp.int32).astype(jnp.float32)
+    return (acc[:r] + acc[r:] * (1.0 / LO)) * sx * w.scale[0]
+
+
+def _blocked(x3: Array, w: QArray, dtype) -> Array:
+    """XLA:CPU int4 path: a scan over the groups of contracted rows, each group of q converted while
+    it is in cache and its scales applied to the group's product."""
     def body(acc, blk):
         xx, qq, ss = blk
         return acc + jnp.dot(xx, qq.astype(dtype), preferred_element_type=jnp.float32) * ss, None
 
-    y, _ = jax.lax.scan(body, jnp.zeros((r, n), jnp.float32), (xb, qb, scales))
-    return y * w.scale[0] if groups == 1 else y
+    y, _ = jax.lax.scan(body, jnp.zeros((x3.shape[0], w.q.shape[2]), jnp.float32),
+                        (x3.transpose(1, 0, 2), w.q, w.scale))
+    return y
 
 
 def take_columns(w: QArray, ids) -> QArray:

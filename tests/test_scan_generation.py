@@ -102,5 +102,7 @@ def test_scanned_int8_model_equals_unrolled_int8(tmp_path):
     ids, mask = left_pad([text_ids(6, 1), text_ids(9, 2)])
     ref = per.logits(ids, mask)
     finite = ref > -1e30
-    assert np.abs(scan.logits(ids, mask) - ref)[finite].max() <= 1e-5 * np.abs(ref)[finite].max()
+    # On CPU each int8 matmul splits its activations into two int8 rows (quant.split_rows): an ulp of
+    # difference in a hidden state can move its low row by one step, max|x| / (127 * LO), hence 1e-4.
+    assert np.abs(scan.logits(ids, mask) - ref)[finite].max() <= 1e-4 * np.abs(ref)[finite].max()
     np.testing.assert_array_equal(scan.generate(ids, mask, max_new_tokens=8), per.generate(ids, mask, max_new_tokens=8))
