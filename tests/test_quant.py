@@ -17,7 +17,7 @@ from chameleon_jax import quant
 from chameleon_jax.errors import ChameleonError
 from conftest import build_hf_model, text_ids
 
-SHAPES = [((256, 4, 16), 1), ((4, 64, 48), 2), ((96, 80), 1), ((64, 40), 1)]
+SHAPES = [((256, 4, 16), 1), ((4, 64, 48), 2), ((96, 80), 1), ((64, 40), 1), ((1376, 24), 1)]  # K 1376: CPU int8 in blocks
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
