@@ -94,12 +94,11 @@ class HeadLayerNorm(nn.Module):
         scale = _param(self, "scale", shape, self.axes, nn.initializers.ones)
         bias = _param(self, "bias", shape, self.axes, nn.initializers.zeros)
         xf = x.astype(jnp.float32)
-        # means over the short head_dim as matvecs with a 1/Dh vector: XLA:CPU runs a reduce over a
-        # 32..128-wide minor dim element by element, the dot vectorized (~8% of a CPU train step)
-        avg = jnp.full((self.head_dim, 1), 1.0 / self.head_dim, jnp.float32)
-        mean = jnp.dot(xf, avg, precision=jax.lax.Precision.HIGHEST)
+        # plain means over the head dim: with jax 0.10's XLA:CPU (YNNPACK reductions) this fwd+bwd runs
+        # in half the time of the earlier form, matvecs with a 1/Dh vector (0.84 vs 1.67 ms, [4, 256, 8, 32])
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
         centered = xf - mean
-        var = jnp.dot(centered * centered, avg, precision=jax.lax.Precision.HIGHEST)
+        var = jnp.mean(centered * centered, axis=-1, keepdims=True)
         y = centered * jax.lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
