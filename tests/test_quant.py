@@ -150,19 +150,24 @@ def test_demo_model_keeps_its_accuracy_in_int8():
     _demo_quality("int8", 200)
 
 
-def test_sharded_quantized_load_equals_single_device(model_dir):
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_sharded_quantized_load_equals_single_device(model_dir, mode):
     mesh = cj.make_mesh(data=2, fsdp=2, tensor=2)
-    one = cj.load(model_dir, quantize="int4")
-    many = cj.load(model_dir, quantize="int4", mesh=mesh)
+    one = cj.load(model_dir, quantize=mode)
+    many = cj.load(model_dir, quantize=mode, mesh=mesh)
     from jax.sharding import PartitionSpec as P
 
-    # o_proj [H, Dh, D] is row-parallel: its 2 groups of 128 rows (K = H * Dh = 256) over tensor
     o = many.params["layers_0"]["self_attn"]["o_proj"]["kernel"]
-    assert o.q.sharding.spec == P("tensor", None, "fsdp") and o.scale.sharding.spec == P("tensor", "fsdp")
-    head = many.params["lm_head"]  # [D, V]: groups over fsdp, the vocabulary over tensor
-    assert head.q.sharding.spec == P("fsdp", None, "tensor")
+    head = many.params["lm_head"]
+    if mode == "int4":
+        # o_proj [H, Dh, D] is row-parallel: its 2 groups of 128 rows (K = H * Dh = 256) over tensor
+        assert o.q.sharding.spec == P("tensor", None, "fsdp") and o.scale.sharding.spec == P("tensor", "fsdp")
+        assert head.q.sharding.spec == P("fsdp", None, "tensor")  # [D, V]: groups over fsdp, vocabulary over tensor
+    else:  # one group: the contracted rows take the kernel's row axes (the CPU int8 product then sums int32 shards)
+        assert o.q.sharding.spec == P(None, "tensor", "fsdp") and head.q.sharding.spec == P(None, "fsdp", "tensor")
     ids = np.array([text_ids(10, s, 1024) for s in range(4)])
     np.testing.assert_allclose(many.logits(ids), one.logits(ids), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(many.generate(ids, max_new_tokens=6), one.generate(ids, max_new_tokens=6))
 
 
 def test_bad_quantize_mode_is_named(model_dir):
