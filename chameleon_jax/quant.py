@@ -279,13 +279,8 @@ def split_rows(x: Array) -> tuple[Array, Array]:
     return jnp.concatenate([hi, lo], axis=0).astype(jnp.int8), scale
 
 
-def _int8_dot(x2: Array, w: QArray) -> Array:
-    """XLA:CPU int8 path (one scale per output channel): the activations as two int8 rows each
-    (:func:`split_rows`) against the int8 weights in one integer matmul, int32 accumulators. XLA:CPU
-    has no fused int8 -> float dot, but its library runs int8 x int8 -> int32 products at up to 2.7x
-    the float32 matvec's speed (one weight byte read instead of four), for two rows or more; a single
-    row would take a slow path, so the second (residual) row is also what makes it fast at batch 1.
-    |acc| <= K * 127 * 127 fits int32 for K < 133,000. Long K runs in blocks of up to ``K_BLOCK`` rows."""
+def _int8_product(x2: Array, w: QArray) -> Array:
+    """x2 [R, K] @ (q [K, N] as int8) -> [R, N] float32, before the output scales (see :func:`_int8_dot`)."""
     r = x2.shape[0]
     _, k, n = w.q.shape
     xq, sx = split_rows(x2)
@@ -296,7 +291,36 @@ def _int8_dot(x2: Array, w: QArray) -> Array:
         acc = jnp.einsum("rgk,gkn->grn", xq.reshape(2 * r, k // bk, bk), w.q[0].reshape(k // bk, bk, n),
                          preferred_element_type=jnp.int32).sum(0)
     acc = acc.astype(jnp.float32)
-    return (acc[:r] + acc[r:] * (1.0 / LO)) * sx * w.scale[0]
+    return (acc[:r] + acc[r:] * (1.0 / LO)) * sx
+
+
+@jax.custom_vjp
+def _int8_dot(x2: Array, w: QArray) -> Array:
+    """XLA:CPU int8 path (one scale per output channel): the activations as two int8 rows each
+    (:func:`split_rows`) against the int8 weights in one integer matmul, int32 accumulators. XLA:CPU
+    has no fused int8 -> float dot, but its library runs int8 x int8 -> int32 products at up to 2.7x
+    the float32 matvec's speed (one weight byte read instead of four), for two rows or more; a single
+    row would take a slow path, so the second (residual) row is also what makes it fast at batch 1.
+    |acc| <= K * 127 * 127 fits int32 for K < 133,000. Long K runs in blocks of up to ``K_BLOCK`` rows.
+    Differentiable as x @ dequantize(w) (the rounding in split_rows has no gradient of its own)."""
+    return _int8_product(x2, w) * w.scale[0]
+
+
+def _int8_dot_fwd(x2, w):
+    t = _int8_product(x2, w)
+    return t * w.scale[0], (t, w)
+
+
+def _int8_dot_bwd(res, g):
+    t, w = res
+    scale = w.scale[0].astype(jnp.float32)
+    dx = jnp.einsum("rn,kn->rk", g * scale, w.q[0].astype(jnp.float32))
+    dw = w.replace(q=np.zeros(w.q.shape, jax.dtypes.float0),
+                   scale=jnp.sum(g * t, axis=0)[None].astype(w.scale.dtype))
+    return dx, dw
+
+
+_int8_dot.defvjp(_int8_dot_fwd, _int8_dot_bwd)
 
 
 def _blocked(x3: Array, w: QArray, dtype) -> Array:

@@ -77,6 +77,26 @@ def test_matmul_implementations_agree(mode, shape, n_in):
         assert np.all(np.abs(got - want) <= tol), (impl, np.abs(got - want).max())
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("shape,n_in", [((96, 40), 1), ((1376, 24), 1), ((4, 64, 48), 2)])
+def test_cpu_matmul_gradients_are_those_of_the_dequantized_kernel(mode, shape, n_in):
+    """The CPU int8 product rounds its activations (no gradient of its own): its custom VJP gives
+    x's and the scales' gradients of x @ dequantize(w), as the "xla" path does."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3,) + shape[:n_in]).astype(np.float32)
+    qa = quant.quantize(rng.standard_normal(shape).astype(np.float32), mode, n_in)
+    assert qa.impl == "cpu"
+
+    def grads(w):
+        f = lambda x, w: jnp.sum(jnp.sin(quant.matmul(x, w, jnp.float32)))
+        return jax.grad(f, argnums=(0, 1), allow_int=True)(x, w)
+
+    (gx, gw), (wx, ww) = grads(qa), grads(qa.replace(impl="xla"))
+    assert np.abs(np.asarray(wx)).max() > 1.0
+    np.testing.assert_allclose(gx, wx, atol=5e-3 * np.abs(np.asarray(wx)).max())
+    np.testing.assert_allclose(gw.scale, ww.scale, atol=5e-3 * np.abs(np.asarray(ww.scale)).max())
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("quant") / "hf"
