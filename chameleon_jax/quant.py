@@ -18,8 +18,8 @@ convert into the dot, so the weight bytes read are the integer bytes). ``"cpu"``
 not fuse that convert): with one scale per output channel (int8, and int4 kernels of one group) the
 activations become two int8 rows each (:func:`split_rows`: the rounded value and its residual, error
 <= max|x| / 64516) and one int8 x int8 -> int32 matmul reads the weights as they are; 92M benchmark
-model, batch-1 decode step 1.97x fp32's speed (benchmarks/quant.py). Grouped int4 walks its groups in
-a scan, converting one group at a time (slower than fp32 here: XLA:CPU's int4 -> int8/f32 convert).
+model, batch-1 decode step 1.97x fp32's speed (benchmarks/quant.py). Past ``SPLIT_ROWS`` rows (a
+prefill) and for grouped int4, a scan over blocks of contracted rows converts one block at a time.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def matmul(x: Array, w: QArray, dtype, out_dtype=None) -> Array:
     lead, tail = x.shape[: x.ndim - w.n_in], w.shape[w.n_in:]
     groups, g, n = w.q.shape
     x3 = x.reshape(-1, groups, g).astype(dtype)
-    if w.impl == "cpu" and groups == 1:
+    if w.impl == "cpu" and groups == 1 and x3.shape[0] <= SPLIT_ROWS:
         y = _int8_dot(x3.reshape(x3.shape[0], g), w)
     elif w.impl == "cpu":
         y = _blocked(x3, w, dtype)
@@ -263,6 +263,13 @@ LO = 254  # the second integer row holds the first row's rounding residual times
 # library product slows down for long K, e.g. [2, 4096] x [4096, 11008] 7.4 ms whole, 2.9 ms as 8 blocks
 # of 512 rows (fp32 matvec: 7.3 ms); [2, 1376] x [1376, 512] 3.4 -> 2.9 ms per 60 as 4 blocks.
 K_BLOCK = 512
+# Up to this many rows (decode steps) the CPU int8 matmul is the integer product of split rows; past it
+# (prefill) the rows double the work of a compute-bound product, and converting blocks of ``CONVERT_BLOCK``
+# weight rows to float inside a scan is faster: [320, 512] x [512, 1376] per 30 kernels 133 -> 69 ms (fp32
+# 58 ms), 7B-sized [320, 4096] x [4096, 11008] 292 -> 122 ms (fp32 111 ms); at 16 rows the split product is
+# as fast as fp32 or faster (7B-sized: 15 vs 22 ms), at 64 the converted blocks win.
+SPLIT_ROWS = 32
+CONVERT_BLOCK = 256
 
 
 def split_rows(x: Array) -> tuple[Array, Array]:
@@ -284,7 +291,7 @@ def _int8_product(x2: Array, w: QArray) -> Array:
     r = x2.shape[0]
     _, k, n = w.q.shape
     xq, sx = split_rows(x2)
-    bk = max(d for d in range(1, min(k, K_BLOCK) + 1) if k % d == 0)
+    bk = _largest_divisor(k, K_BLOCK)
     if bk == k:
         acc = jnp.dot(xq, w.q[0], preferred_element_type=jnp.int32)
     else:  # blocks of contracted rows as a batched product, their int32 partial sums added (exact)
@@ -323,16 +330,31 @@ def _int8_dot_bwd(res, g):
 _int8_dot.defvjp(_int8_dot_fwd, _int8_dot_bwd)
 
 
+def _largest_divisor(k: int, most: int) -> int:
+    return max(d for d in range(1, min(k, most) + 1) if k % d == 0)
+
+
 def _blocked(x3: Array, w: QArray, dtype) -> Array:
-    """XLA:CPU int4 path: a scan over the groups of contracted rows, each group of q converted while
-    it is in cache and its scales applied to the group's product."""
+    """XLA:CPU float path: a scan over blocks of contracted rows, each block of q converted while it
+    is in cache and its scales applied to the block's product: int4's groups, or (one scale per output
+    channel, many rows) blocks of up to ``CONVERT_BLOCK`` rows scaled once at the end. XLA:CPU does
+    not fuse the convert into the dot, and converting a whole kernel per call costs a fresh float copy
+    of it (int8 [15360, 1376] -> float32: 22 ms, as long as writing any new 84 MB buffer here)."""
+    groups, g, n = w.q.shape
+    r = x3.shape[0]
+    if groups == 1:
+        bs = _largest_divisor(g, CONVERT_BLOCK)
+        xb, qb = x3.reshape(r, g // bs, bs).transpose(1, 0, 2), w.q.reshape(g // bs, bs, n)
+        scales = jnp.ones((g // bs, 1), jnp.float32)
+    else:
+        xb, qb, scales = x3.transpose(1, 0, 2), w.q, w.scale
+
     def body(acc, blk):
         xx, qq, ss = blk
         return acc + jnp.dot(xx, qq.astype(dtype), preferred_element_type=jnp.float32) * ss, None
 
-    y, _ = jax.lax.scan(body, jnp.zeros((x3.shape[0], w.q.shape[2]), jnp.float32),
-                        (x3.transpose(1, 0, 2), w.q, w.scale))
-    return y
+    y, _ = jax.lax.scan(body, jnp.zeros((r, n), jnp.float32), (xb, qb, scales))
+    return y * w.scale[0] if groups == 1 else y
 
 
 def take_columns(w: QArray, ids) -> QArray:
