@@ -331,7 +331,10 @@ _int8_dot.defvjp(_int8_dot_fwd, _int8_dot_bwd)
 
 
 def _largest_divisor(k: int, most: int) -> int:
-    return max(d for d in range(1, min(k, most) + 1) if k % d == 0)
+    """The largest divisor of ``k`` up to ``most``; ``k`` itself (one block) when that divisor is under
+    most / 8 (a K with no useful divisor, e.g. a prime: many tiny blocks would be far slower)."""
+    d = max(d for d in range(1, min(k, most) + 1) if k % d == 0)
+    return d if d >= most // 8 else k
 
 
 def _blocked(x3: Array, w: QArray, dtype) -> Array:
