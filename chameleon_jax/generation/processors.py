@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import ChameleonConfig
 from ..errors import ChameleonError
+from ..model.layers import argmax_rows
 
 Array = jax.Array
 
@@ -28,28 +29,6 @@ def _finite_max(logits: Array) -> Array:
     """Row max over finite entries, 0 for a row with none. [B, V] -> [B, 1]."""
     m = jnp.max(jnp.where(jnp.isfinite(logits), logits, -jnp.inf), axis=-1, keepdims=True)
     return jnp.where(jnp.isfinite(m), m, 0.0)
-
-
-ARGMAX_BLOCK = 128
-
-
-def argmax_rows(x: Array) -> Array:
-    """``jnp.argmax(x, axis=-1)`` of NaN-free [B, V] -> [B] int32, the same index (the first maximum; 0
-    for a row of -inf), in two passes: the max of each block of ``ARGMAX_BLOCK`` entries, the first
-    block holding the row's max, then the first max inside it. XLA:CPU runs argmax's (value, index)
-    reduction unvectorized, ~1 ms for [8, 57344] on one core; the blocked form takes ~0.1 ms (a step of
-    batch-8 decode: ~18 ms). NaN must be replaced first (:func:`choose_tokens` makes it -inf): a fused,
-    vectorized max on XLA:CPU may skip it."""
-    b, v = x.shape
-    n = -(-v // ARGMAX_BLOCK)
-    if n < 2:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    if n * ARGMAX_BLOCK != v:  # -inf padding at the end never wins a tie against a real entry
-        x = jnp.pad(x, ((0, 0), (0, n * ARGMAX_BLOCK - v)), constant_values=-jnp.inf)
-    blocks = x.reshape(b, n, ARGMAX_BLOCK)
-    first = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)
-    inside = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]
-    return (first * ARGMAX_BLOCK + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
 def safe_softmax(logits: Array) -> Array:

@@ -1,5 +1,5 @@
 """The decoder's building blocks: params with logical axis names (or the QArray stored in a kernel's
-place), RoPE, RMSNorm, the per-head qk-LayerNorm, and projections as 2-D matmuls.
+place), RoPE, RMSNorm, the per-head qk-LayerNorm, projections as 2-D matmuls, and a blocked argmax.
 
 Shapes as in decoder.py: B batch, T tokens, D hidden, N heads, Dh head dim.
 """
@@ -101,6 +101,29 @@ class HeadLayerNorm(nn.Module):
         var = jnp.mean(centered * centered, axis=-1, keepdims=True)
         y = centered * jax.lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+ARGMAX_BLOCK = 128
+
+
+def argmax_rows(x: Array) -> Array:
+    """``jnp.argmax(x, axis=-1)`` of NaN-free [B, V] -> [B] int32, the same index (the first maximum; 0
+    for a row of -inf), in two passes: the max of each block of ``ARGMAX_BLOCK`` entries, the first
+    block holding the row's max, then the first max inside it. XLA:CPU runs argmax's (value, index)
+    reduction unvectorized, ~1 ms for [8, 57344] on one core; the blocked form takes ~0.1 ms (a step of
+    batch-8 decode: ~18 ms). NaN must be replaced first (generation's ``choose_tokens`` makes it -inf):
+    a fused, vectorized max on XLA:CPU may skip it. Also the VQ-VAE's nearest-code argmin (of minus the
+    distances)."""
+    b, v = x.shape
+    n = -(-v // ARGMAX_BLOCK)
+    if n < 2:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if n * ARGMAX_BLOCK != v:  # -inf padding at the end never wins a tie against a real entry
+        x = jnp.pad(x, ((0, 0), (0, n * ARGMAX_BLOCK - v)), constant_values=-jnp.inf)
+    blocks = x.reshape(b, n, ARGMAX_BLOCK)
+    first = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)
+    inside = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]
+    return (first * ARGMAX_BLOCK + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
 def matmul_2d(x: Array, w: Array, n_in: int, out_dtype=None) -> Array:

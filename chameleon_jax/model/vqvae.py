@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from ..config import VQConfig
 from ..errors import ChameleonError
+from .layers import argmax_rows
 
 Array = jax.Array
 
@@ -276,7 +277,8 @@ class VQVAE(nn.Module):
             + jnp.sum(book**2, axis=1)[None, :]
             - 2.0 * jnp.einsum("nd,kd->nk", flat, book, precision=jax.lax.Precision.HIGHEST)
         )
-        codes = jnp.argmin(dist, axis=1).astype(jnp.int32)
+        # argmin (the first minimum) without XLA:CPU's unvectorized (value, index) reduce: 4.1 -> 1.1 ms
+        codes = argmax_rows(-dist)
         quant = book[codes].reshape(n, h, w, e)
         return codes.reshape(n, h * w), quant
 
