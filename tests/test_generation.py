@@ -260,7 +260,7 @@ def test_processors_match_transformers_warpers():
         ours = np.asarray(apply_top_p(logits, p))
         ref = TopPLogitsWarper(p)(None, t.clone()).numpy()
         np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref), f"top_p={p}")
-        kept = np.asarray(apply_top_p(apply_top_k(logits, 10), p, candidates=10))
+        kept = np.asarray(apply_top_p(apply_top_k(logits, 10), p))
         ref = TopPLogitsWarper(p)(None, TopKLogitsWarper(10)(None, t.clone())).numpy()
         np.testing.assert_array_equal(np.isfinite(kept), np.isfinite(ref), f"top_k=10 top_p={p}")
     prev = rng.integers(0, 50, (4, 7))
@@ -268,6 +268,28 @@ def test_processors_match_transformers_warpers():
     np.put_along_axis(seen, prev, True, axis=1)
     ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor(prev), t.clone()).numpy()
     np.testing.assert_allclose(np.asarray(apply_repetition_penalty(logits, seen, 1.7)), ref, rtol=1e-6)
+
+
+def test_top_k_and_top_p_by_bisection_follow_their_rules_on_wide_tied_rows():
+    """The thresholds are found by bisection over float32 values (no sort): the kept sets are exactly the
+    rules' on rows with many ties, -inf entries and a vocabulary-sized width."""
+    rng = np.random.default_rng(5)
+    logits = (np.round(rng.normal(0, 3, (6, 3000))) / 2).astype(np.float32)  # ~25 distinct values: ties
+    logits[0, ::3] = -np.inf
+    logits[1, :] = -np.inf
+    logits[1, 7] = 1.0
+    for k in (1, 7, 100, 2999):
+        kth = np.sort(logits, axis=-1)[:, -k][:, None]
+        np.testing.assert_array_equal(np.isfinite(np.asarray(apply_top_k(logits, k))),
+                                      (logits >= kth) & np.isfinite(logits), f"top_k={k}")
+    z = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    probs = z / z.sum(-1, keepdims=True)
+    above = np.stack([(probs[r][None, :] * (logits[r][None, :] > logits[r][:, None])).sum(-1) for r in range(6)])
+    for top_p in (0.0, 0.05, 0.5, 0.9, 0.99):
+        want = ((above < top_p) | (logits == logits.max(-1, keepdims=True))) & np.isfinite(logits)
+        got = np.isfinite(np.asarray(apply_top_p(logits, top_p)))
+        clear = np.abs(above - top_p) > 1e-5  # not on the boundary up to float32 rounding of the sums
+        np.testing.assert_array_equal(got[clear], want[clear], f"top_p={top_p}")
 
 
 # ------------------------------------------------------------------------ statistics of draws

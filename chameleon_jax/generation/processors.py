@@ -61,36 +61,64 @@ def apply_temperature(logits: Array, temperature) -> Array:
     return (logits - _finite_max(logits)) / temperature
 
 
+def _float_keys(x: Array) -> Array:
+    """float32 -> uint32 with the same order (positive: sign bit set; negative: all bits flipped)."""
+    b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(b >> 31 == 0, b | jnp.uint32(0x80000000), ~b)
+
+
+def _key_floats(k: Array) -> Array:
+    return jax.lax.bitcast_convert_type(jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k), jnp.float32)
+
+
+def _last_true(ok, shape) -> Array:
+    """Per row, the largest float32 v in [-inf, inf] with ``ok(v)`` true, for ``ok`` [B, 1] -> [B, 1] bool
+    monotone (true up to some value, false past it) and true at -inf: an exact bisection over the 2^32
+    float keys, 32 rounds of one fused pass over the row each (instead of a sort of the whole row)."""
+    lo = jnp.broadcast_to(_float_keys(jnp.float32(-jnp.inf)), shape)
+    hi = jnp.broadcast_to(_float_keys(jnp.float32(jnp.inf)), shape)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo + 1) // 2  # > lo while lo < hi; no overflow: hi - lo < 2^32 - 1
+        good = ok(_key_floats(mid)) & (lo < hi)
+        return jnp.where(good, mid, lo), jnp.where(good | (lo >= hi), hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return _key_floats(lo)
+
+
 def apply_top_k(logits: Array, k: int) -> Array:
-    """Keep the ``k`` largest logits of each row (ties with the k-th kept), -inf elsewhere."""
+    """Keep the ``k`` largest logits of each row (ties with the k-th kept), -inf elsewhere.
+
+    The k-th largest value is the largest v with at least k logits >= v (exact, found by bisection:
+    XLA:CPU's top_k over 57344 logits took 14 ms at batch 1, 130 ms at batch 8)."""
     k = min(int(k), logits.shape[-1])
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    kth = _last_true(lambda v: jnp.sum(logits >= v, axis=-1, keepdims=True) >= k, logits.shape[:-1] + (1,))
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
-def top_p_threshold(sorted_desc: Array, top_p) -> Array:
-    """Smallest logit kept by nucleus filtering, given each row sorted descending. [B, K] -> [B, 1].
+def top_p_threshold(logits: Array, top_p) -> Array:
+    """Smallest logit kept by nucleus filtering. [B, V] -> [B, 1].
 
     As transformers' TopPLogitsWarper: a token is kept while the probability mass of the tokens
     above it is below ``top_p``; the top token is always kept (so top_p=0 is greedy). Tokens tied
     with the last kept one are kept too (transformers keeps one of them, as its sort orders
-    them), so the result does not depend on sort order."""
-    probs = safe_softmax(sorted_desc)
-    mass_above = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_above < top_p).at[..., 0].set(True)
-    last = jnp.sum(keep, axis=-1, keepdims=True) - 1
-    return jnp.take_along_axis(sorted_desc, last, axis=-1)
+    them), so the result does not depend on sort order. The mass strictly above v only falls as v
+    grows, so the threshold is the smallest v where it is below top_p: found by bisection (a sort of
+    57344 logits took 18 ms at batch 1 and 130 ms at batch 8 on XLA:CPU), then capped at the row max."""
+    probs = safe_softmax(logits)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    # the largest v whose mass strictly above reaches top_p; the threshold is the next logit above it
+    full = _last_true(lambda v: jnp.sum(jnp.where(logits > v, probs, 0.0), axis=-1, keepdims=True) >= top_p,
+                      top.shape)
+    above = jnp.min(jnp.where(logits > full, logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.minimum(above, top)
 
 
-def apply_top_p(logits: Array, top_p, candidates: int = 0) -> Array:
-    """Nucleus filtering. ``candidates`` > 0 sorts only the top that many (valid when the row
-    already holds at most that many finite logits, e.g. after top-k), which is far cheaper than a
-    full-vocabulary sort."""
-    if candidates:
-        sorted_desc = jax.lax.top_k(logits, min(candidates, logits.shape[-1]))[0]
-    else:
-        sorted_desc = -jnp.sort(-logits, axis=-1)
-    return jnp.where(logits < top_p_threshold(sorted_desc, top_p), -jnp.inf, logits)
+def apply_top_p(logits: Array, top_p) -> Array:
+    """Nucleus filtering (:func:`top_p_threshold`): -inf below the threshold."""
+    return jnp.where(logits < top_p_threshold(logits, top_p), -jnp.inf, logits)
 
 
 def sample_from_logits(logits: Array, keys: Array, fallback: Array) -> Array:
@@ -194,7 +222,7 @@ def choose_tokens(logits: Array, mode: Mode, knobs: dict, step: Array, seen: Arr
     if mode.top_k:
         logits = apply_top_k(logits, mode.top_k)
     if mode.use_top_p:
-        logits = apply_top_p(logits, knobs["top_p"], candidates=mode.top_k)
+        logits = apply_top_p(logits, knobs["top_p"])
     base = jax.random.key(knobs["seed"])
     rows = jnp.arange(logits.shape[0], dtype=jnp.uint32)
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
