@@ -292,6 +292,19 @@ def test_top_k_and_top_p_by_bisection_follow_their_rules_on_wide_tied_rows():
         np.testing.assert_array_equal(got[clear], want[clear], f"top_p={top_p}")
 
 
+def test_draws_are_jax_categorical_draws():
+    """sample_from_logits adds jax.random.categorical's Gumbel noise itself (for the blocked argmax): the
+    same token for the same key, -inf entries and all."""
+    rng = np.random.default_rng(9)
+    logits = rng.normal(0, 2, (5, 1000)).astype(np.float32)
+    logits[0, :900] = -np.inf
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(np.arange(5))
+    for step in range(20):
+        ks = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+        want = np.asarray(jax.vmap(jax.random.categorical)(ks, logits))
+        np.testing.assert_array_equal(np.asarray(sample_from_logits(logits, ks, np.zeros(5, np.int32))), want)
+
+
 # ------------------------------------------------------------------------ statistics of draws
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.2, -0.5, -3.0], np.float32)

@@ -125,7 +125,11 @@ def sample_from_logits(logits: Array, keys: Array, fallback: Array) -> Array:
     """One categorical draw per row (keys: [B] typed PRNG keys); rows with no finite logit take
     ``fallback`` [B] instead."""
     logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
-    drawn = jax.vmap(jax.random.categorical)(keys, logits)
+    # jax.random.categorical's own Gumbel-max draw (the same noise, so the same tokens) with its argmax
+    # blocked (argmax_rows): a sampled token choice over 57344 logits (temperature only) 3.9 -> 0.9 ms at
+    # batch 1, 9.9 -> 3.2 ms at batch 8 on XLA:CPU
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], logits.dtype))(keys)
+    drawn = argmax_rows(noise + logits)
     ok = jnp.any(jnp.isfinite(logits), axis=-1)
     return jnp.where(ok, drawn, fallback).astype(jnp.int32)
 
