@@ -51,7 +51,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-image", action="store_true", help="skip the image-prompt prefill case")
     p.add_argument("--pause", type=float, default=0.5,
                    help="seconds of sleep before each timed call (the other runtime's threads go idle)")
+    p.add_argument("--sample", action="store_true",
+                   help="both sides sample (temperature 0.7, top_p 0.9) instead of greedy; outputs not compared")
     args = p.parse_args(argv)
+    sampling = dict(do_sample=True, temperature=0.7, top_p=0.9) if args.sample else dict(do_sample=False)
 
     import jax
     import torch
@@ -83,14 +86,14 @@ def main(argv=None) -> int:
 
     def hf_generate(ids, mask, new, pixels=None):
         kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
-                  min_new_tokens=new, do_sample=False)
+                  min_new_tokens=new, **sampling)
         if pixels is not None:
             kw["pixel_values"] = torch.tensor(pixels)
         with torch.inference_mode():
             return hf.generate(**kw)[:, ids.shape[1]:].numpy()
 
     def ours(ids, mask, new, pixels=None):
-        return model.generate(ids, mask, pixels, max_new_tokens=new, min_new_tokens=new)
+        return model.generate(ids, mask, pixels, max_new_tokens=new, min_new_tokens=new, **sampling)
 
     for batch in args.batches:
         ids, mask = text_prompts(batch, args.prompt, c.vocab_size, first_text, seed=batch)
@@ -106,7 +109,8 @@ def main(argv=None) -> int:
         compile_s -= statistics.median(t_ours)
         # Our prefill and decode loop timed apart (same compiled programs as generate uses).
         gen, pids, pmask, _, settings = model._generation_inputs(
-            ids, mask, None, model._settings(args.new, False, 1.0, 0, 1.0, 0, 1.0, None, args.new)
+            ids, mask, None, model._settings(args.new, args.sample, sampling.get("temperature", 1.0), 0,
+                                             sampling.get("top_p", 1.0), 0, 1.0, None, args.new)
         )
         t_pre, t_dec = [], []
         for _ in range(args.reps):
@@ -122,7 +126,8 @@ def main(argv=None) -> int:
         our_med, our_lo, our_hi = median_spread(t_ours)
         step = statistics.median(t_dec) / (args.new - 1)
         print(f"\nbatch {batch}, prompt {args.prompt}, {args.new} new tokens "
-              f"(greedy; outputs identical: {same})")
+              + ("(sampled: temperature 0.7, top_p 0.9; outputs not compared)" if args.sample
+                 else f"(greedy; outputs identical: {same})"))
         print(f"  transformers: {tokens / hf_med:8.1f} tok/s  ({1000 * hf_med:.0f} ms/call, "
               f"range {1000 * hf_lo:.0f}..{1000 * hf_hi:.0f})")
         print(f"  chameleon-jax: {tokens / our_med:7.1f} tok/s  ({1000 * our_med:.0f} ms/call, "
