@@ -88,6 +88,16 @@ def report_tpu_bytes(topology: str):
                   f"(no VMEM prefetch); params per device {r[mode, True].params_bytes / r[None, True].params_bytes:.3f}")
 
 
+def step_weight_bytes(params, config) -> int:
+    """Weight bytes one decode step reads: every decoder layer and the LM head's text-token columns
+    (int4 counted as half a byte)."""
+    from chameleon_jax import quant
+
+    n_text = config.vocab_size - len(config.image_vocab.image_token_ids)
+    layers = {k: v for k, v in params.items() if k.startswith("layers_")}
+    return quant.param_bytes(layers) + quant.param_bytes(params["lm_head"]) * n_text // config.vocab_size
+
+
 def cpu_7b(steps: int = 8) -> None:
     """Batch-1 greedy decode of a 7B-shaped int8 model on this CPU, ours only: float32 7B (27 GB) does
     not fit this host, and transformers has no int8 CPU path to set beside it. The integers and
@@ -114,8 +124,7 @@ def cpu_7b(steps: int = 8) -> None:
 
     params = traverse_util.unflatten_dict({p: filled(i, x) for i, (p, x) in enumerate(abstract.items())}, sep="/")
     model = cj.api.ChameleonModel(cfg, params)
-    weights = sum(quant.param_bytes(v) for k, v in params.items() if k.startswith("layers_"))
-    weights += quant.param_bytes(params["lm_head"]) * (cfg.vocab_size - len(cfg.image_vocab.image_token_ids)) // cfg.vocab_size
+    weights = step_weight_bytes(params, cfg)
     ids = np.array([[1] + list(range(1000, 1015))])
     gen, pids, pmask, _, settings = model._generation_inputs(
         ids, np.ones_like(ids), None, model._settings(steps, False, 1.0, 0, 1.0, 0, 1.0, None, steps))
@@ -156,7 +165,6 @@ def main(argv=None) -> int:
     import transformers
 
     import chameleon_jax as cj
-    from chameleon_jax import quant
 
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}, {os.cpu_count()} CPUs; read bandwidth "
@@ -168,11 +176,8 @@ def main(argv=None) -> int:
             tmp, dtype=torch.float32).eval()
     c = models[None].config
     first_text = first_text_id(args)
-    n_text = c.vocab_size - len(c.image_vocab.image_token_ids)
     for mode, m in models.items():
-        layers = {k: v for k, v in m.params.items() if k.startswith("layers_")}
-        head = quant.param_bytes(m.params["lm_head"]) * n_text // c.vocab_size
-        print(f"{_name(mode)}: {(quant.param_bytes(layers) + head) / 1e6:.1f} MB of weights read per decode step")
+        print(f"{_name(mode)}: {step_weight_bytes(m.params, c) / 1e6:.1f} MB of weights read per decode step")
 
     q = quality(models, c.vocab_size, first_text)
     print(f"\nquality (16 prompts x 64 tokens, teacher forcing; mean top-1/top-2 margin {q['margin']:.4f} of the "
