@@ -33,6 +33,9 @@ def add_model_args(p: argparse.ArgumentParser, *, hidden: int, layers: int, inte
                    help="image codes (ids 4..); suppressed in text mode")
     p.add_argument("--image-resolution", type=int, default=image_resolution,
                    help="VQ input size; 5 levels, so (res/16)^2 image tokens")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="chameleon_jax.reuse_freed_memory() first (glibc settings, process-wide: both sides "
+                   "run under them; benchmarks/host_memory.py compares)")
 
 
 def build_checkpoint(directory: str, args) -> None:
@@ -70,11 +73,14 @@ def build_checkpoint(directory: str, args) -> None:
 def load_both(args):
     """(transformers model in fp32, chameleon-jax model in fp32) on the same random weights; prints
     the versions and the machine first."""
+    import chameleon_jax as cj
+
+    if args.reuse_freed_memory and not cj.reuse_freed_memory():
+        raise SystemExit("--reuse-freed-memory: the glibc settings could not be applied (not glibc, or JAX "
+                         "already started)")
     import jax
     import torch
     import transformers
-
-    import chameleon_jax as cj
 
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "

@@ -44,7 +44,8 @@ def text_prompts(batch: int, length: int, vocab: int, first_text: int, seed: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, hidden=512, layers=8, intermediate=1376, vocab=65536, image_codes=8192, image_resolution=256)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8],
+                   help="batch sizes of the text cases; none: the image-prompt case only")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
     p.add_argument("--reps", type=int, default=7, help="timed runs per side and case (alternating)")

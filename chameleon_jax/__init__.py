@@ -3,11 +3,13 @@
 from .api import ChameleonModel, load
 from .config import ChameleonConfig, VQConfig, load_preset
 from .errors import ChameleonError
+from .hostmem import reuse_freed_memory
 from .processing import ChameleonProcessor
 from .sharding import make_mesh
 
 __all__ = ["ChameleonConfig", "ChameleonError", "ChameleonModel", "ChameleonProcessor", "TrainConfig", "Trainer",
-           "VQConfig", "convert", "export", "load", "load_preset", "make_mesh"]
+           "VQConfig", "convert", "export", "load", "load_preset", "make_mesh",
+           "reuse_freed_memory"]
 __version__ = "0.1.0"
 
 
