@@ -70,14 +70,21 @@ def build_checkpoint(directory: str, args) -> None:
     transformers.ChameleonForConditionalGeneration(config).eval().save_pretrained(directory)
 
 
-def load_both(args):
-    """(transformers model in fp32, chameleon-jax model in fp32) on the same random weights; prints
-    the versions and the machine first."""
+def apply_memory_flag(args) -> None:
+    """--reuse-freed-memory: ``cj.reuse_freed_memory()``, before JAX starts (an error if it cannot)."""
     import chameleon_jax as cj
 
     if args.reuse_freed_memory and not cj.reuse_freed_memory():
         raise SystemExit("--reuse-freed-memory: the glibc settings could not be applied (not glibc, or JAX "
                          "already started)")
+
+
+def load_both(args):
+    """(transformers model in fp32, chameleon-jax model in fp32) on the same random weights; prints
+    the versions and the machine first."""
+    import chameleon_jax as cj
+
+    apply_memory_flag(args)
     import jax
     import torch
     import transformers

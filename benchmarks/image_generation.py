@@ -35,7 +35,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-from common import add_model_args, first_text_id, load_both, median_spread, read_bandwidth, timed  # noqa: E402
+from common import (  # noqa: E402
+    add_model_args, apply_memory_flag, first_text_id, load_both, median_spread, read_bandwidth, timed,
+)
 
 
 def bench_decoder(args) -> None:
@@ -182,6 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--onednn", action="store_true",
                    help="run XLA:CPU with --xla_cpu_use_onednn=true (oneDNN convolutions; faster decoder on x86)")
     args = p.parse_args(argv)
+    apply_memory_flag(args)
     if args.skip != "decoder":
         bench_decoder(args)
     if args.skip != "generation":

@@ -7,20 +7,26 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# 8 simulated devices for the sharding tests; single-device tests use device 0 as usual.
-os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
-# Test-only XLA:CPU settings. Most of the suite's time is XLA compiling hundreds of small programs, and the
-# tests check numbers, not speed: LLVM at -O0 and the older loop emitters compile those programs in about a
-# third of the default time (measured on tests/test_generation.py + test_parity.py: 78.6 s -> 46.3 s), with
-# the same IEEE arithmetic (no fast-math either way). Subprocesses the tests start inherit them.
+# Test-only XLA:CPU flags and compilation cache (applied below, under pytest only).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
-# One persistent compilation cache per test run, shared by the xdist workers (they inherit the controller's
-# environment) and by the processes the tests start: many tests build the same small models and compile
-# the same programs. Removed when the run ends (pytest_sessionfinish).
 TEST_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"chameleon-jax-test-jit-cache-{os.getpid()}")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", TEST_CACHE_DIR)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+# The settings below are for test runs only (pytest sets PYTEST_VERSION): benchmarks import helpers from
+# tests/ (test_vq_decoder's weight mapping, tokenizer_utils), and these flags would silently slow what they
+# measure (LLVM -O0 made the VQ-GAN decoder benchmark 1.5x slower) and give them 8 fake devices.
+if os.environ.get("PYTEST_VERSION"):
+    # 8 simulated devices for the sharding tests; single-device tests use device 0 as usual.
+    os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+    # The XLA:CPU flags: most of the suite's time is XLA compiling hundreds of small programs, and the
+    # tests check numbers, not speed: LLVM at -O0 and the older loop emitters compile those programs in
+    # about a third of the default time (measured on tests/test_generation.py + test_parity.py: 78.6 s ->
+    # 46.3 s), with the same IEEE arithmetic (no fast-math either way). Subprocesses the tests start
+    # inherit them.
+    os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+    # One persistent compilation cache per test run, shared by the xdist workers (they inherit the
+    # controller's environment) and by the processes the tests start: many tests build the same small
+    # models and compile the same programs. Removed when the run ends (pytest_sessionfinish).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", TEST_CACHE_DIR)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import numpy as np
 import pytest
